@@ -1,0 +1,1 @@
+"""Corral gateway: one Ollama endpoint that routes by model residency, free VRAM and queue depth."""

@@ -1,0 +1,106 @@
+"""The `[gateway]` section of config.toml: frozen dataclasses, decoded strictly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from gateway.strictconf import KNOWN_SECTIONS, ConfigError, decode, load_toml, reject_unknown_sections
+
+Policy = Literal["residency", "round-robin", "least-busy", "random"]
+
+
+def _check_url(value: str) -> str | None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL with a host"
+    try:
+        _ = parts.port
+    except ValueError:
+        return "has an invalid port"
+    return None
+
+
+def _check_listen(value: str) -> str | None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return 'must be "host:port", e.g. "127.0.0.1:11434"'
+    return None
+
+
+@dataclass(frozen=True)
+class StaticBackend:
+    """A backend named in config (`[[gateway.backends]]`) rather than registered by the launcher."""
+
+    url: str = field(metadata={"check": _check_url})
+    id: str = ""  # default: derived from the URL's host and port
+    gpus: tuple[str, ...] = ()  # GPU names or UUIDs, for display and metrics
+    num_parallel: int = field(default=1, metadata={"min": 1})
+    kind: Literal["single", "split", "cpu"] = "single"
+    max_loaded_models: int = field(default=0, metadata={"min": 0})
+    vram_gb: float = field(default=0.0, metadata={"min": 0})
+    speed: float = field(default=1.0, metadata={"min": 0.001})
+
+    @property
+    def backend_id(self) -> str:
+        if self.id:
+            return self.id
+        parts = urlsplit(self.url)
+        return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    listen: str = field(default="127.0.0.1:11434", metadata={"check": _check_listen})
+    policy: Policy = "residency"
+    # Requests that no backend can take now wait at the gateway, per model, up to this many.
+    queue_size: int = field(default=256, metadata={"min": 0})
+    queue_timeout_s: float = field(default=300.0, metadata={"duration": True, "min": 0})
+    max_body_bytes: int = field(default=32 * 1024 * 1024, metadata={"min": 1024})
+    retries: int = field(default=2, metadata={"min": 0, "max": 10})
+    connect_timeout_s: float = field(default=5.0, metadata={"duration": True, "min": 0.1})
+    health_interval_s: float = field(default=5.0, metadata={"duration": True, "min": 0.1})
+    poll_interval_s: float = field(default=1.0, metadata={"duration": True, "min": 0.05})
+    eject_after_failures: int = field(default=3, metadata={"min": 1})
+    eject_for_s: float = field(default=10.0, metadata={"duration": True, "min": 0.1})
+    cold_load_threshold_s: float = field(default=1.0, metadata={"duration": True, "min": 0})
+    api_keys_file: str = ""
+    api_keys_env: str = "CORRAL_API_KEYS"
+    admin_keys_file: str = ""
+    admin_keys_env: str = "CORRAL_ADMIN_KEYS"
+    state: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    backends: tuple[StaticBackend, ...] = ()
+
+    def validate(self, path: str) -> None:
+        ids = [b.backend_id for b in self.backends]
+        for i, backend_id in enumerate(ids):
+            if backend_id in ids[:i]:
+                raise ConfigError(f"{path}.backends[{i}].id", f"duplicate backend id {backend_id!r}")
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+def gateway_settings_from(data: dict[str, Any]) -> GatewaySettings:
+    """Decode `[gateway]` from an already parsed config file."""
+    reject_unknown_sections(data, set(KNOWN_SECTIONS))
+    section = data.get("gateway", {})
+    if not isinstance(section, dict):
+        raise ConfigError("gateway", "must be a table ([gateway])")
+    return decode(GatewaySettings, section, "gateway")
+
+
+def load_gateway_settings(path: str | Path) -> GatewaySettings:
+    """Read config.toml and decode its `[gateway]` section; errors name the file and the TOML path."""
+    try:
+        return gateway_settings_from(load_toml(path))
+    except ConfigError as e:
+        raise e if e.source else e.in_file(str(path)) from None
