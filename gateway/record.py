@@ -44,6 +44,10 @@ class BackendRecord:
     planned_models: tuple[str, ...] = ()
     state: BackendState = BackendState.READY
     updated_at: float = field(default_factory=time.time)
+    # Supervision facts for `corral status`; a static backend leaves them at their defaults.
+    started_at: float = 0.0  # epoch seconds the current process became ready
+    restarts: int = 0
+    last_error: str = ""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -71,6 +75,9 @@ class BackendRecord:
             planned_models=tuple(data.get("planned_models", ())),
             state=BackendState(data.get("state", "ready")),
             updated_at=float(data.get("updated_at", 0.0)),
+            started_at=float(data.get("started_at", 0.0)),
+            restarts=int(data.get("restarts", 0)),
+            last_error=str(data.get("last_error", "")),
         )
 
     def with_state(self, state: BackendState) -> BackendRecord:
