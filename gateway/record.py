@@ -42,6 +42,9 @@ class BackendRecord:
     vram_total_bytes: int = 0
     speed: float = 1.0  # relative decode speed (memory bandwidth / 1 TB/s)
     planned_models: tuple[str, ...] = ()
+    # Backends with the same non-empty store_id share one model store (OLLAMA_MODELS on one host):
+    # a pull, delete or copy on one of them is seen by all, so the gateway does it once.
+    store_id: str = ""
     state: BackendState = BackendState.READY
     updated_at: float = field(default_factory=time.time)
     # Supervision facts for `corral status`; a static backend leaves them at their defaults.
@@ -73,6 +76,7 @@ class BackendRecord:
             vram_total_bytes=int(data.get("vram_total_bytes", 0)),
             speed=float(data.get("speed", 1.0)),
             planned_models=tuple(data.get("planned_models", ())),
+            store_id=str(data.get("store_id", "")),
             state=BackendState(data.get("state", "ready")),
             updated_at=float(data.get("updated_at", 0.0)),
             started_at=float(data.get("started_at", 0.0)),
