@@ -94,3 +94,15 @@ class MemoryStore:
 
     async def close(self) -> None:
         return None
+
+
+def open_store(kind: str, redis_url: str = "", *, prefix: str = "corral:") -> StateStore:
+    """The store the config asks for: "memory" (one gateway) or "redis" (several; needs redis_url)."""
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "redis":
+        # Imported here so a memory-only deployment never needs the redis client at import time.
+        from gateway.redis_store import RedisStore
+
+        return RedisStore.from_url(redis_url, prefix=prefix)
+    raise ValueError(f"unknown state store {kind!r} (allowed: memory, redis)")

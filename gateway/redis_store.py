@@ -1,0 +1,184 @@
+"""StateStore on Redis: several gateways (and launchers on several hosts) share one view of the fleet.
+
+Layout (all keys under a prefix, default "corral:"):
+  backend:<id>          JSON BackendRecord, with a TTL when the writer gave one (launchers heartbeat)
+  backends              set of backend ids (members whose record expired are pruned on read)
+  gpus:<host>           JSON list of GPU dicts, with a TTL likewise
+  gpu_hosts             set of hosts
+  inflight:<owner>      hash "<backend>\\x1f<model>" -> count, one hash per gateway process
+  inflight_owners       set of owners
+
+In-flight counters are kept per gateway process and summed on read, so a gateway that dies without
+decrementing does not inflate the count forever: its hash carries a TTL that the live process keeps
+refreshing, and expires with it. Increments and decrements are single Redis commands (HINCRBY, or a
+Lua script that also stops at zero), so they are atomic per (backend, model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from gateway.record import BackendRecord
+
+_SEP = "\x1f"
+
+# Decrement a hash field without going below zero; remove it at zero so reads stay small.
+_DECR_SCRIPT = """
+local v = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
+if v <= 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return 0
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return v
+"""
+
+
+class RedisStore:
+    """StateStore over Redis. `owner_ttl_s` bounds how long a dead gateway's in-flight counts linger."""
+
+    def __init__(self, client: aioredis.Redis, *, prefix: str = "corral:", owner_ttl_s: float = 30.0) -> None:
+        self._redis = client
+        self._prefix = prefix
+        self._owner = uuid.uuid4().hex
+        self._owner_ttl_ms = max(int(owner_ttl_s * 1000), 1000)
+        self._refresher: asyncio.Task[None] | None = None
+        self._decr = self._redis.register_script(_DECR_SCRIPT)
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str = "corral:", owner_ttl_s: float = 30.0) -> RedisStore:
+        return cls(aioredis.from_url(url, decode_responses=True), prefix=prefix, owner_ttl_s=owner_ttl_s)
+
+    def _k(self, *parts: str) -> str:
+        return self._prefix + ":".join(parts)
+
+    @property
+    def _inflight_key(self) -> str:
+        return self._k("inflight", self._owner)
+
+    async def ping(self) -> None:
+        """Raise when Redis cannot be reached (for a clear error at start)."""
+        await self._redis.ping()
+
+    # Records -----------------------------------------------------------------------------------
+
+    async def put_backend(self, record: BackendRecord, ttl_s: float | None = None) -> None:
+        px = None if ttl_s is None else max(int(ttl_s * 1000), 1)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._k("backend", record.id), json.dumps(record.to_json()), px=px)
+            pipe.sadd(self._k("backends"), record.id)
+            await pipe.execute()
+
+    async def remove_backend(self, backend_id: str) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._k("backend", backend_id))
+            pipe.srem(self._k("backends"), backend_id)
+            await pipe.execute()
+
+    async def list_backends(self) -> list[BackendRecord]:
+        ids = sorted(str(i) for i in await self._redis.smembers(self._k("backends")))
+        if not ids:
+            return []
+        values = await self._redis.mget([self._k("backend", i) for i in ids])
+        records, expired = [], []
+        for backend_id, raw in zip(ids, values, strict=True):
+            if raw is None:
+                expired.append(backend_id)
+                continue
+            records.append(BackendRecord.from_json(json.loads(raw)))
+        if expired:
+            await self._redis.srem(self._k("backends"), *expired)
+        return records
+
+    async def put_gpus(self, host: str, gpus: Sequence[dict[str, Any]], ttl_s: float | None = None) -> None:
+        px = None if ttl_s is None else max(int(ttl_s * 1000), 1)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._k("gpus", host), json.dumps([dict(g) for g in gpus]), px=px)
+            pipe.sadd(self._k("gpu_hosts"), host)
+            await pipe.execute()
+
+    async def list_gpus(self) -> dict[str, list[dict[str, Any]]]:
+        hosts = sorted(str(h) for h in await self._redis.smembers(self._k("gpu_hosts")))
+        if not hosts:
+            return {}
+        values = await self._redis.mget([self._k("gpus", h) for h in hosts])
+        result: dict[str, list[dict[str, Any]]] = {}
+        expired = []
+        for host, raw in zip(hosts, values, strict=True):
+            if raw is None:
+                expired.append(host)
+            else:
+                result[host] = json.loads(raw)
+        if expired:
+            await self._redis.srem(self._k("gpu_hosts"), *expired)
+        return result
+
+    # In-flight counters --------------------------------------------------------------------------
+
+    def _ensure_refresher(self) -> None:
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    async def _refresh_loop(self) -> None:
+        """Keep this gateway's counters alive while it runs, including during long idle streams."""
+        interval_s = self._owner_ttl_ms / 3000
+        while True:
+            await asyncio.sleep(interval_s)
+            with contextlib.suppress(aioredis.RedisError, OSError):
+                await self._redis.pexpire(self._inflight_key, self._owner_ttl_ms)
+
+    async def incr_in_flight(self, backend_id: str, model: str) -> int:
+        self._ensure_refresher()
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(self._inflight_key, f"{backend_id}{_SEP}{model}", 1)
+            pipe.pexpire(self._inflight_key, self._owner_ttl_ms)
+            pipe.sadd(self._k("inflight_owners"), self._owner)
+            mine, _, _ = await pipe.execute()
+        return int(mine)
+
+    async def decr_in_flight(self, backend_id: str, model: str) -> int:
+        value = await self._decr(keys=[self._inflight_key], args=[f"{backend_id}{_SEP}{model}", self._owner_ttl_ms])
+        return int(value)
+
+    async def in_flight(self) -> dict[str, dict[str, int]]:
+        """Sum of every live gateway's counters, per backend and model."""
+        owners = sorted(str(o) for o in await self._redis.smembers(self._k("inflight_owners")))
+        if not owners:
+            return {}
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for owner in owners:
+                pipe.hgetall(self._k("inflight", owner))
+                pipe.exists(self._k("inflight", owner))
+            replies = await pipe.execute()
+        totals: dict[str, dict[str, int]] = {}
+        gone = []
+        for owner, fields, exists in zip(owners, replies[0::2], replies[1::2], strict=True):
+            if not exists:
+                gone.append(owner)
+                continue
+            for key, count in fields.items():
+                backend_id, _, model = key.partition(_SEP)
+                if int(count) > 0:
+                    per_model = totals.setdefault(backend_id, {})
+                    per_model[model] = per_model.get(model, 0) + int(count)
+        if gone:
+            await self._redis.srem(self._k("inflight_owners"), *gone)
+        return totals
+
+    async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        # Whatever this process counted is finished or abandoned with it.
+        with contextlib.suppress(aioredis.RedisError, OSError):
+            await self._redis.delete(self._inflight_key)
+            await self._redis.srem(self._k("inflight_owners"), self._owner)
+        await self._redis.aclose()
