@@ -89,6 +89,8 @@ class ObservedStats:
     load_s: float = 0.0  # cold-load time from load_duration
     service_s: float = 0.0  # wall time of a whole request
     samples: int = 0
+    # Prompt evaluation rate from final chunks' prompt_eval_count / prompt_eval_duration (0: unknown).
+    prefill_tokens_per_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,15 @@ class BackendView:
     free_vram_bytes: int = 0
     loading: str | None = None  # a model this backend is loading now (Ollama loads one at a time)
     observed: Mapping[str, ObservedStats] = field(default_factory=dict)
+    # False until the backend's /api/tags has been read once: `installed` is then not to be trusted
+    # (the router may still send there; the backend answers an unknown model itself).
+    inventory_known: bool = True
+    # The context a request without num_ctx gets here (OLLAMA_CONTEXT_LENGTH); 0: unknown, the router
+    # then applies Ollama's VRAM-tier default to vram_total_bytes.
+    default_num_ctx: int = 0
+    # Epoch seconds of the last request this gateway fleet saw finish (or start) per model here; the
+    # router uses it to tell hot resident models (expensive to evict) from cold ones.
+    last_used: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
