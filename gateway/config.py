@@ -42,6 +42,10 @@ class StaticBackend:
     max_loaded_models: int = field(default=0, metadata={"min": 0})
     vram_gb: float = field(default=0.0, metadata={"min": 0})
     speed: float = field(default=1.0, metadata={"min": 0.001})
+    # The backend's OLLAMA_CONTEXT_LENGTH, when set: the context of requests without num_ctx.
+    num_ctx: int = field(default=0, metadata={"min": 0})
+    # Backends naming the same store share one OLLAMA_MODELS: pulls and deletes happen once.
+    store_id: str = ""
 
     @property
     def backend_id(self) -> str:
@@ -66,10 +70,14 @@ class GatewaySettings:
     eject_after_failures: int = field(default=3, metadata={"min": 1})
     eject_for_s: float = field(default=10.0, metadata={"duration": True, "min": 0.1})
     cold_load_threshold_s: float = field(default=1.0, metadata={"duration": True, "min": 0})
+    # On shutdown: stop accepting, then let requests in progress finish for up to this long.
+    drain_timeout_s: float = field(default=30.0, metadata={"duration": True, "min": 0})
     api_keys_file: str = ""
     api_keys_env: str = "CORRAL_API_KEYS"
     admin_keys_file: str = ""
     admin_keys_env: str = "CORRAL_ADMIN_KEYS"
+    # Browser origins allowed besides Ollama's own list (localhost, app://, file://, ...); "*" = any.
+    cors_origins: tuple[str, ...] = ()
     state: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
     backends: tuple[StaticBackend, ...] = ()

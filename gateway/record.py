@@ -45,6 +45,9 @@ class BackendRecord:
     # Backends with the same non-empty store_id share one model store (OLLAMA_MODELS on one host):
     # a pull, delete or copy on one of them is seen by all, so the gateway does it once.
     store_id: str = ""
+    # OLLAMA_CONTEXT_LENGTH the backend runs with: the context a request without num_ctx gets there.
+    # 0 = not set (Ollama's VRAM-tier default applies).
+    default_num_ctx: int = 0
     state: BackendState = BackendState.READY
     updated_at: float = field(default_factory=time.time)
     # Supervision facts for `corral status`; a static backend leaves them at their defaults.
@@ -77,6 +80,7 @@ class BackendRecord:
             speed=float(data.get("speed", 1.0)),
             planned_models=tuple(data.get("planned_models", ())),
             store_id=str(data.get("store_id", "")),
+            default_num_ctx=int(data.get("default_num_ctx", 0)),
             state=BackendState(data.get("state", "ready")),
             updated_at=float(data.get("updated_at", 0.0)),
             started_at=float(data.get("started_at", 0.0)),

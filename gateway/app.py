@@ -1,0 +1,234 @@
+"""The gateway application: `create_app(settings, store)` wires every piece into one aiohttp app.
+
+Routes mirror Ollama's (server/routes.go GenerateRoutes): model-scoped calls are routed, listings
+are merged over the fleet, management calls act once per model store. Unknown paths and wrong
+methods answer like Ollama's gin router (`404 page not found`, `405 method not allowed`, text).
+
+Resources live in cleanup contexts, one each, started in this order and stopped in reverse: the
+metrics collector, the static backend records, the ClientSession, then the poller (which needs the
+session and does a first full round of health checks and polls before the app serves).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from gateway import appkeys, fleet
+from gateway.admission import WaitQueues
+from gateway.auth import ApiKeys, auth_middleware, load_keys
+from gateway.config import GatewaySettings, StaticBackend
+from gateway.cors import OriginPolicy, add_cors_headers, cors_middleware
+from gateway.dispatch import handle_model_call
+from gateway.errors import error_for, method_not_allowed_page, not_found_page
+from gateway.inflight import InFlight
+from gateway.lifecycle import RequestTracker
+from gateway.metrics import FleetCollector, Metrics, metrics_response
+from gateway.poller import Poller
+from gateway.pool import BackendPool
+from gateway.record import BackendKind, BackendRecord
+from gateway.routing import make_policy
+from gateway.state import StateStore
+from gateway.status import status
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+GIB = 1024**3
+# Static backends are written to the store with this TTL and rewritten well within it, so a
+# gateway that stops (or drops one from its config) leaves no record behind in a shared store.
+STATIC_RECORD_TTL_S = 60.0
+STATIC_HEARTBEAT_S = 15.0
+
+
+def static_record(backend: StaticBackend) -> BackendRecord:
+    """A `[[gateway.backends]]` entry as a backend record; entries of `gpus` that look like NVML
+    UUIDs ("GPU-...") count as UUIDs, the rest as names."""
+    uuids = tuple(g for g in backend.gpus if g.startswith(("GPU-", "MIG-")))
+    names = tuple(g for g in backend.gpus if g not in uuids)
+    return BackendRecord(
+        id=backend.backend_id,
+        url=backend.url.rstrip("/"),
+        gpu_uuids=uuids,
+        gpu_names=names,
+        kind=BackendKind(backend.kind),
+        num_parallel=backend.num_parallel,
+        max_loaded_models=backend.max_loaded_models,
+        vram_total_bytes=int(backend.vram_gb * GIB),
+        speed=backend.speed,
+        store_id=backend.store_id,
+        default_num_ctx=backend.num_ctx,
+    )
+
+
+@web.middleware
+async def ollama_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Unknown path, wrong method, oversized body and unexpected failures, answered like Ollama."""
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        return not_found_page()
+    except web.HTTPMethodNotAllowed as e:
+        return method_not_allowed_page(e.allowed_methods)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[appkeys.SETTINGS].max_body_bytes
+        return error_for(request, 413, f"request body too large: the limit is {limit} bytes")
+    except web.HTTPException:
+        raise
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception as e:
+        log.exception("%s %s failed", request.method, request.path)
+        return error_for(request, 500, f"internal gateway error: {type(e).__name__}: {e}")
+
+
+def _routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/", fleet.root)  # also HEAD
+    r.add_get("/api/version", fleet.version)  # also HEAD
+    r.add_get("/api/tags", fleet.tags)  # also HEAD
+    r.add_get("/api/ps", fleet.ps, allow_head=False)
+    r.add_get("/api/status", fleet.passthrough, allow_head=False)
+    for path in ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show"):
+        r.add_post(path, handle_model_call)
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages"):
+        r.add_post(path, handle_model_call)
+    r.add_get("/v1/models", fleet.openai_models, allow_head=False)
+    r.add_get("/v1/models/{model:.+}", handle_model_call, allow_head=False)
+    r.add_post("/api/pull", fleet.pull)
+    r.add_post("/api/create", fleet.create)
+    r.add_post("/api/push", fleet.push)
+    r.add_post("/api/copy", fleet.copy)
+    r.add_delete("/api/delete", fleet.delete)
+    r.add_head("/api/blobs/{digest}", fleet.blob_head)
+    r.add_post("/api/blobs/{digest}", fleet.blob_upload)
+    r.add_get("/metrics", _metrics, allow_head=False)
+    r.add_get("/api/corral/status", status, allow_head=False)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    return await metrics_response(request.app[appkeys.METRICS])
+
+
+# -- cleanup contexts (one per resource) ---------------------------------------------------------
+
+
+async def _fleet_gauges(app: web.Application) -> AsyncIterator[None]:
+    collector = FleetCollector(app[appkeys.POOL].snapshot, app[appkeys.QUEUES].depths)
+    app[appkeys.METRICS].attach_fleet(collector)
+    yield
+    app[appkeys.METRICS].detach_fleet(collector)
+
+
+async def _static_backends(app: web.Application) -> AsyncIterator[None]:
+    settings = app[appkeys.SETTINGS]
+    store = app[appkeys.STORE]
+    records = [static_record(b) for b in settings.backends]
+    if not records:
+        yield
+        return
+
+    async def publish() -> None:
+        for record in records:
+            await store.put_backend(record, ttl_s=STATIC_RECORD_TTL_S)
+
+    async def heartbeat() -> None:
+        while True:
+            await asyncio.sleep(STATIC_HEARTBEAT_S)
+            try:
+                await publish()
+            except Exception as e:  # keep trying; the records outlive a short store outage
+                log.warning("could not refresh static backend records: %s", e)
+
+    await publish()
+    task = asyncio.create_task(heartbeat(), name="corral-static-backends")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _client_session(app: web.Application) -> AsyncIterator[None]:
+    # One session for every upstream call. No connection cap (streams are long; the backends'
+    # own queues bound the work), bytes passed through undecoded, and no cookie jar: cookies a
+    # backend sets belong to the client, not to the gateway.
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
+    session = aiohttp.ClientSession(
+        connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False
+    )
+    app[appkeys.SESSION] = session
+    yield
+    await session.close()
+
+
+async def _pool_and_poller(app: web.Application) -> AsyncIterator[None]:
+    pool = app[appkeys.POOL]
+    queues = app[appkeys.QUEUES]
+
+    def slot_freed(_backend_id: str, _model: str) -> None:
+        # One waiter per model re-decides: the slot may serve its model, or make room by eviction.
+        queues.notify(count=1)
+
+    def fleet_changed() -> None:
+        queues.notify()
+
+    in_flight = InFlight(app[appkeys.STORE], pool, on_release=slot_freed)
+    app[appkeys.IN_FLIGHT] = in_flight
+    poller = Poller(
+        app[appkeys.SETTINGS], pool, app[appkeys.STORE], app[appkeys.SESSION], app[appkeys.METRICS], fleet_changed
+    )
+    app[appkeys.POLLER] = poller
+    await poller.start()
+    yield
+    await poller.stop()
+    await in_flight.settle()
+
+
+def create_app(
+    settings: GatewaySettings,
+    store: StateStore,
+    *,
+    keys: ApiKeys | None = None,
+    listen: str | None = None,
+) -> web.Application:
+    """The gateway as an aiohttp Application over `store` (MemoryStore, or a shared RedisStore).
+
+    `keys`: the API keys; None reads them as configured (files and environment). `listen`: the
+    address shown in /api/corral/status (default: settings.listen). The store is not closed by
+    the app: whoever made it closes it. Backends from `settings.backends` are written into the
+    store when the app starts.
+    """
+    keys = keys if keys is not None else load_keys(settings, os.environ)
+    tracker = RequestTracker()
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[
+            tracker.middleware(),
+            ollama_errors,
+            cors_middleware(OriginPolicy(settings.cors_origins)),
+            auth_middleware(keys),
+        ],
+    )
+    app.on_response_prepare.append(add_cors_headers)
+    queues = WaitQueues(settings.queue_size)
+    app[appkeys.SETTINGS] = settings
+    app[appkeys.STORE] = store
+    app[appkeys.KEYS] = keys
+    app[appkeys.METRICS] = Metrics()
+    app[appkeys.QUEUES] = queues
+    app[appkeys.POOL] = BackendPool(settings, queue_depths=queues.depths)
+    app[appkeys.POLICY] = make_policy(settings.policy)
+    app[appkeys.TRACKER] = tracker
+    app[appkeys.STARTED_AT] = time.time()
+    app[appkeys.LISTEN] = listen or settings.listen
+    app.cleanup_ctx.extend([_fleet_gauges, _static_backends, _client_session, _pool_and_poller])
+    _routes(app)
+    return app

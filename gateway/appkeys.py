@@ -1,0 +1,36 @@
+"""Typed keys for what `create_app` puts into the aiohttp Application (no module-level singletons).
+
+Keys for resources made in a cleanup context (the ClientSession, the poller) are set when the app
+starts and removed when it stops.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from gateway.admission import WaitQueues
+from gateway.auth import ApiKeys
+from gateway.config import GatewaySettings
+from gateway.inflight import InFlight
+from gateway.lifecycle import RequestTracker
+from gateway.metrics import Metrics
+from gateway.poller import Poller
+from gateway.pool import BackendPool
+from gateway.routing import Policy
+from gateway.state import StateStore
+
+SETTINGS = web.AppKey("corral_settings", GatewaySettings)
+STORE: web.AppKey[StateStore] = web.AppKey("corral_store")
+KEYS = web.AppKey("corral_keys", ApiKeys)
+METRICS = web.AppKey("corral_metrics", Metrics)
+POOL = web.AppKey("corral_pool", BackendPool)
+QUEUES = web.AppKey("corral_queues", WaitQueues)
+POLICY: web.AppKey[Policy] = web.AppKey("corral_policy")
+TRACKER = web.AppKey("corral_tracker", RequestTracker)
+STARTED_AT = web.AppKey("corral_started_at", float)  # epoch seconds
+LISTEN = web.AppKey("corral_listen", str)  # the address actually served (for /api/corral/status)
+# Set while the app runs (cleanup contexts):
+SESSION = web.AppKey("corral_session", aiohttp.ClientSession)
+POLLER = web.AppKey("corral_poller", Poller)
+IN_FLIGHT = web.AppKey("corral_in_flight", InFlight)

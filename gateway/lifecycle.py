@@ -1,0 +1,50 @@
+"""Counting the requests being served, so a shutdown can wait for them to finish (drain)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class RequestTracker:
+    """How many requests are inside a handler right now; `wait_idle` waits for none."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.active += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.active -= 1
+        if self.active <= 0:
+            self.active = 0
+            self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """True when no request is active (now or within `timeout_s`), False on timeout."""
+        try:
+            async with asyncio.timeout(max(timeout_s, 0.0)):
+                await self._idle.wait()
+        except TimeoutError:
+            return self.active == 0
+        return True
+
+    def middleware(self) -> Middleware:
+        @web.middleware
+        async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
+            self.enter()
+            try:
+                return await handler(request)
+            finally:
+                self.leave()
+
+        return track

@@ -1,0 +1,147 @@
+"""Running the gateway in the current event loop: `GatewayServer`.
+
+    async with GatewayServer(settings, store) as gw:     # listening on settings.listen
+        ...                                             # gw.url, gw.port, gw.app
+        await gw.drain(timeout_s)                       # optional: drain now instead of on exit
+
+Leaving the block drains with `settings.drain_timeout_s`: stop accepting connections, let the
+requests in progress finish (streams included) for up to the timeout, cancel what is left, then
+stop the poller and close the upstream session. `corral up` runs it beside the launcher with a
+shared MemoryStore; `corral gateway` runs it alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from types import TracebackType
+
+from aiohttp import web
+
+from gateway.app import create_app
+from gateway.appkeys import TRACKER
+from gateway.auth import ApiKeys, check_listen_allowed, load_keys
+from gateway.config import GatewaySettings
+from gateway.state import StateStore
+
+log = logging.getLogger(__name__)
+
+# After the drain wait, handlers still running get this long before they are cancelled.
+CANCEL_GRACE_S = 0.5
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (IPv6 when the host is an IPv6 address)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if host in ("", "localhost"):
+        host = "127.0.0.1" if host == "localhost" else "0.0.0.0"
+    sock = socket.create_server((host, port), family=family, backlog=1024)
+    sock.setblocking(False)
+    return sock
+
+
+class GatewayServer:
+    """The gateway app served on one address. Not reusable: start once, drain once."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        store: StateStore,
+        *,
+        keys: ApiKeys | None = None,
+        host: str | None = None,
+        port: int | None = None,
+    ) -> None:
+        """`keys`: None reads them as configured (files, environment). `host`/`port` override
+        settings.listen (port 0 picks a free port; see `port` after start). The store is not
+        closed here: its owner closes it after the server."""
+        self.settings = settings
+        self.store = store
+        self.keys = keys if keys is not None else load_keys(settings, os.environ)
+        self.host = host if host is not None else settings.listen_host
+        self._requested_port = port if port is not None else settings.listen_port
+        self._runner: web.AppRunner | None = None
+        self._site: web.SockSite | None = None
+        self._app: web.Application | None = None
+        self._port = 0
+        self._drained: bool | None = None
+
+    @property
+    def app(self) -> web.Application:
+        if self._app is None:
+            raise RuntimeError("GatewayServer not started")
+        return self._app
+
+    @property
+    def port(self) -> int:
+        """The bound port (meaningful after start)."""
+        return self._port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if host in ("0.0.0.0", "[::]", ""):
+            host = "127.0.0.1"
+        return f"http://{host}:{self._port}"
+
+    async def start(self) -> None:
+        """Check the listen address against the keys (ConfigError for an open non-loopback
+        address), start the app (first health checks and polls included) and listen. Raises
+        OSError when the address is taken (before anything started)."""
+        if self._runner is not None:
+            raise RuntimeError("GatewayServer already started")
+        check_listen_allowed(self.host, self.keys)
+        # Bind first: a taken port fails before anything starts, and port 0 is known to the app.
+        sock = bind_socket(self.host, self._requested_port)
+        self._port = int(sock.getsockname()[1])
+        listen = f"[{self.host}]:{self._port}" if ":" in self.host else f"{self.host}:{self._port}"
+        self._app = create_app(self.settings, self.store, keys=self.keys, listen=listen)
+        # handler_cancellation: a client that hangs up cancels its handler, which closes the
+        # upstream request at once instead of at the next chunk.
+        runner = web.AppRunner(self._app, handler_cancellation=True, shutdown_timeout=CANCEL_GRACE_S, access_log=None)
+        try:
+            await runner.setup()
+            site = web.SockSite(runner, sock)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            sock.close()
+            raise
+        self._runner = runner
+        self._site = site
+        log.info("gateway listening on %s (policy %s)", self.url, self.settings.policy)
+
+    async def drain(self, timeout_s: float | None = None) -> bool:
+        """Stop accepting, wait up to `timeout_s` (default settings.drain_timeout_s) for requests in
+        progress, then close everything. Returns True when all finished in time. Idempotent."""
+        if self._drained is not None:
+            return self._drained
+        if self._runner is None:
+            self._drained = True
+            return True
+        timeout = self.settings.drain_timeout_s if timeout_s is None else timeout_s
+        if self._site is not None:
+            await self._site.stop()
+            self._site = None
+        tracker = self.app[TRACKER]
+        finished = await tracker.wait_idle(timeout)
+        if not finished:
+            log.warning("drain: %d requests still running after %.1fs; cancelling them", tracker.active, timeout)
+        await self._runner.cleanup()
+        self._runner = None
+        self._drained = finished
+        return finished
+
+    async def close(self) -> None:
+        """Stop at once: in-flight requests are cancelled."""
+        await self.drain(0.0)
+
+    async def __aenter__(self) -> GatewayServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.drain()

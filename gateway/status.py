@@ -1,0 +1,85 @@
+"""GET /api/corral/status: the fleet as the gateway sees it, for `corral status` and dashboards.
+
+Everything comes from memory (the pool, the queues) plus one state-store read for the GPU
+inventory; no backend is called.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from importlib import metadata
+from typing import Any
+
+from aiohttp import web
+
+from gateway import appkeys
+from gateway.pool import LiveBackend
+
+
+def corral_version() -> str:
+    try:
+        return metadata.version("corral")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+def backend_status(live: LiveBackend, in_flight: dict[str, int], queued: dict[str, int]) -> dict[str, Any]:
+    resident = live.merged_resident()
+    used = sum(r.size_vram_bytes for r in resident.values())
+    return {
+        **live.record.to_json(),
+        "healthy": live.healthy,
+        "ejected_until": live.ejected_until or None,
+        "consecutive_failures": live.failures,
+        "health_error": live.last_error,
+        "ollama_version": live.version,
+        "installed": sorted(live.installed),
+        "resident": [
+            {
+                "name": r.name,
+                "size_bytes": r.size_bytes,
+                "size_vram_bytes": r.size_vram_bytes,
+                "context_length": r.context_length,
+                "expires_at": r.expires_at,
+                "loaded_with": (
+                    {k: v for k, v in asdict(r.loaded_with).items() if v is not None} if r.loaded_with else None
+                ),
+            }
+            for r in sorted(resident.values(), key=lambda r: r.name)
+        ],
+        "in_flight": dict(sorted(in_flight.items())),
+        "queued": {m: d for m, d in sorted(queued.items()) if m in live.installed},
+        "free_vram_bytes": max(live.record.vram_total_bytes - used, 0),
+        "observed": {model: asdict(stats) for model, stats in sorted(live.observed.items())},
+    }
+
+
+async def status(request: web.Request) -> web.Response:
+    app = request.app
+    settings = app[appkeys.SETTINGS]
+    pool = app[appkeys.POOL]
+    queued = app[appkeys.QUEUES].depths()
+    started_at = app[appkeys.STARTED_AT]
+    try:
+        gpus = await app[appkeys.STORE].list_gpus()
+    except Exception as e:  # the rest of the page is still worth showing
+        gpus = {"error": str(e)}  # type: ignore[dict-item]
+    body = {
+        "gateway": {
+            "version": corral_version(),
+            "listen": app[appkeys.LISTEN],
+            "policy": settings.policy,
+            "started_at": started_at,
+            "uptime_s": round(time.time() - started_at, 3),
+            "active_requests": app[appkeys.TRACKER].active,
+            "queue_depths": dict(sorted(queued.items())),
+            "queue_size": settings.queue_size,
+        },
+        "gpus": gpus,
+        "backends": [
+            backend_status(live, pool.in_flight.get(backend_id, {}), queued)
+            for backend_id, live in sorted(pool.backends.items())
+        ],
+    }
+    return web.json_response(body)
