@@ -74,7 +74,6 @@ class LauncherSettings:
     preload: bool = True
     start_timeout_s: float = field(default=60.0, metadata={"duration": True, "min": 1})
     stop_timeout_s: float = field(default=10.0, metadata={"duration": True, "min": 0.1})
-    drain_timeout_s: float = field(default=30.0, metadata={"duration": True, "min": 0})
     restart_backoff_s: float = field(default=1.0, metadata={"duration": True, "min": 0.01})
     restart_backoff_max_s: float = field(default=60.0, metadata={"duration": True, "min": 0.01})
     stable_after_s: float = field(default=60.0, metadata={"duration": True, "min": 0})

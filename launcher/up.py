@@ -3,7 +3,7 @@
 load config -> resolve the rig (real GPUs + ollama, or the simulated rig) -> plan -> start every
 backend (in parallel, health-gated) -> preload the planned models -> serve the gateway in this
 process over the same state store the supervisor publishes to -> run until SIGTERM/SIGINT ->
-drain the gateway (up to drain_timeout_s) -> stop every backend (SIGTERM to its group, SIGKILL
+drain the gateway (up to [gateway] drain_timeout_s) -> stop every backend (SIGTERM to its group, SIGKILL
 after stop_timeout_s) -> exit 0.
 
 Exit status: 0 after a signal-initiated shutdown (also during startup), 1 when the plan has errors,
@@ -348,8 +348,8 @@ async def _serve(
         for line in ready_lines(gateway.url, plan, proxy_host):
             out.line(line)
         await stopper.event.wait()
-        out.line(f"draining the gateway (up to {cfg.launcher.drain_timeout_s:g}s) ...")
-        if not await gateway.drain(cfg.launcher.drain_timeout_s):
+        out.line(f"draining the gateway (up to {cfg.gateway.drain_timeout_s:g}s) ...")
+        if not await gateway.drain(cfg.gateway.drain_timeout_s):
             out.line("drain timeout: requests still running were cancelled")
     finally:
         await gateway.drain(0.0)  # a no-op after the drain above; stops at once on an error path
