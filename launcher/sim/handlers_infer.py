@@ -1,0 +1,363 @@
+"""/api/generate, /api/chat, /api/embed and /api/embeddings (server/routes.go handlers, HEAD).
+
+Each handler checks its request in the order Ollama does, so the same bad request gets the same
+status and text: body, model reference, installed model, unload/preload shortcuts, capabilities,
+options, then scheduling (503 queue full, 500 load failure, 499 cancelled).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from aiohttp import web
+
+from launcher.sim import textgen
+from launcher.sim.gojson import (
+    CHAT_REQUEST,
+    EMBED_REQUEST,
+    EMBEDDING_REQUEST,
+    GENERATE_REQUEST,
+    BindError,
+    bind,
+    format_time,
+)
+from launcher.sim.inference import (
+    CompletionCall,
+    RequestClock,
+    check_format,
+    completion_chunks,
+    embed_inputs,
+    merge_chunks,
+    ns,
+)
+from launcher.sim.models import InstalledModel, ModelLoadError
+from launcher.sim.options import OptionError, RequestOptions, keep_alive_seconds, parse_options
+from launcher.sim.scheduler import Lease, LoadFailed, QueueFull
+from launcher.sim.service import ModelRefError, SimService, parse_model_ref
+from launcher.sim.wire import StreamError, error_response, json_response, send_ndjson
+from launcher.store import ModelName
+
+SERVICE: web.AppKey[SimService] = web.AppKey("sim_service", SimService)
+
+
+class HandlerError(Exception):
+    """Ends a handler with an Ollama-shaped error reply."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def response(self) -> web.Response:
+        return error_response(self.status, self.message)
+
+
+async def read_request(request: web.Request, schema: dict[str, str], type_name: str) -> dict[str, Any]:
+    try:
+        return bind(await request.read(), schema, type_name)
+    except BindError as e:
+        raise HandlerError(400, str(e)) from None
+
+
+def _lookup(service: SimService, name: ModelName, not_found: str) -> InstalledModel:
+    try:
+        model = service.installed(name)
+    except ModelLoadError as e:
+        raise HandlerError(500, str(e)) from None
+    if model is None:
+        raise HandlerError(404, not_found)
+    return model
+
+
+def _options(service: SimService, model: InstalledModel, raw: Any, *, embedding: bool = False) -> RequestOptions:
+    try:
+        return parse_options(
+            model.params,
+            raw if isinstance(raw, dict) else None,
+            default_num_ctx=service.settings.default_num_ctx,
+            env_context_length=service.settings.context_length,
+            embedding=embedding,
+        )
+    except OptionError as e:
+        raise HandlerError(500, str(e)) from None
+
+
+def _capability_error(model: InstalledModel, wanted: list[str]) -> str | None:
+    missing = [c for c in wanted if c not in model.capabilities]
+    if not missing:
+        return None
+    return f"{model.full_name} does not support {' '.join(missing)}"
+
+
+async def _acquire(service: SimService, model: InstalledModel, opts: RequestOptions, body: dict[str, Any]) -> Lease:
+    """scheduleRunner + handleScheduleError."""
+    keep_alive = keep_alive_seconds(body.get("keep_alive"))
+    try:
+        return await service.scheduler.acquire(model, opts.load_key, keep_alive_s=keep_alive)
+    except QueueFull as e:
+        raise HandlerError(503, str(e)) from None
+    except LoadFailed as e:
+        raise HandlerError(500, str(e)) from None
+
+
+def _started(service: SimService) -> RequestClock:
+    return RequestClock(service, time.monotonic())
+
+
+def _is_unload(body: dict[str, Any]) -> bool:
+    return body.get("keep_alive") is not None and keep_alive_seconds(body.get("keep_alive")) == 0
+
+
+def _think_requested(body: dict[str, Any]) -> bool:
+    think = body.get("think")
+    return think is True or think in ("high", "medium", "low", "max")
+
+
+Chunks = AsyncGenerator[dict[str, Any] | StreamError, None]
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    service = request.app[SERVICE]
+    clock = _started(service)
+    try:
+        body = await read_request(request, GENERATE_REQUEST, "GenerateRequest")
+        started = await start_generate(service, body, clock)
+    except HandlerError as e:
+        return e.response()
+    if isinstance(started, dict):
+        return json_response(started)
+    return await _reply(request, started, stream=body.get("stream") is not False, chat=False)
+
+
+async def start_generate(service: SimService, body: dict[str, Any], clock: RequestClock) -> dict[str, Any] | Chunks:
+    """Check and schedule a generate request: a reply (load/unload) or its chunks. Raises HandlerError."""
+    top = body.get("top_logprobs", 0) or 0
+    if top < 0 or top > 20:
+        raise HandlerError(400, "top_logprobs must be between 0 and 20")
+    requested = str(body.get("model") or "")
+    try:
+        ref = parse_model_ref(requested)
+    except ModelRefError as e:
+        status, message = (400, str(e)) if e.kind == "invalid" else (404, f"model '{requested}' not found")
+        raise HandlerError(status, message) from None
+    model = _lookup(service, ref.name, f"model '{requested}' not found")
+    prompt = str(body.get("prompt") or "")
+    if not prompt and _is_unload(body):
+        service.scheduler.expire_runner(model)
+        now = format_time(service.clock.wall_time())
+        return {"model": requested, "created_at": now, "response": "", "done": True, "done_reason": "unload"}
+    raw = bool(body.get("raw"))
+    if raw and (body.get("template") or body.get("system") or body.get("context")):
+        raise HandlerError(400, "raw mode does not support template, system, or context")
+    if _think_requested(body):
+        raise HandlerError(400, f'"{requested}" does not support thinking')
+    wanted = ["completion"] + (["insert"] if body.get("suffix") else [])
+    if "completion" not in model.capabilities:
+        raise HandlerError(400, f'"{requested}" does not support generate')
+    if err := _capability_error(model, wanted):
+        raise HandlerError(400, err)
+    opts = _options(service, model, body.get("options"))
+    lease = await _acquire(service, model, opts, body)
+    clock.mark_acquired(lease)
+    if not prompt:
+        lease.release()
+        now = format_time(service.clock.wall_time())
+        return {"model": requested, "created_at": now, "response": "", "done": True, "done_reason": "load"}
+    json_format, format_error = check_format(body.get("format"))
+    system = str(body.get("system") or "") or model.system
+    context = body.get("context") or []
+    if raw:
+        rendered, prompt_tokens = prompt, textgen.count_tokens(prompt)
+    else:
+        messages = [*model.messages, {"role": "user", "content": prompt}] if not context else [{"content": prompt}]
+        rendered = f"{system}\n{prompt}\n{body.get('suffix') or ''}"
+        prompt_tokens = textgen.prompt_tokens_for_messages(messages, system) + len(context)
+    call = CompletionCall(
+        requested=requested,
+        model=model,
+        options=opts,
+        prompt_key=rendered + repr(context),
+        prompt_tokens=prompt_tokens,
+        json_format=json_format,
+        chat=False,
+        context_text=None if raw else rendered,
+    )
+    return await _chunks_or_error(completion_chunks(service, lease, clock, call), format_error)
+
+
+async def _chunks_or_error(chunks: Chunks, error: str | None) -> Chunks:
+    if error is None:
+        return chunks
+    await chunks.aclose()  # releases the lease
+    return _single_error(error)
+
+
+async def _single_error(message: str) -> Chunks:
+    yield StreamError(message)
+
+
+async def _reply(request: web.Request, chunks: Chunks, *, stream: bool, chat: bool) -> web.StreamResponse:
+    if stream:
+        return await send_ndjson(request, chunks)
+    collected: list[dict[str, Any]] = []
+    try:
+        async for item in chunks:
+            if isinstance(item, StreamError):
+                return error_response(item.status, item.message)
+            collected.append(item)
+    finally:
+        await chunks.aclose()
+    return json_response(merge_chunks(collected, chat=chat))
+
+
+def _is_tool_turn(messages: list[dict[str, Any]]) -> bool:
+    return bool(messages) and str(messages[-1].get("role", "")).lower() == "user"
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    service = request.app[SERVICE]
+    clock = _started(service)
+    try:
+        body = await read_request(request, CHAT_REQUEST, "ChatRequest")
+        started = await start_chat(service, body, clock)
+    except HandlerError as e:
+        return e.response()
+    if isinstance(started, dict):
+        return json_response(started)
+    return await _reply(request, started, stream=body.get("stream") is not False, chat=True)
+
+
+async def start_chat(service: SimService, body: dict[str, Any], clock: RequestClock) -> dict[str, Any] | Chunks:
+    """Check and schedule a chat request: a reply (load/unload) or its chunks. Raises HandlerError."""
+    top = body.get("top_logprobs", 0) or 0
+    if top < 0 or top > 20:
+        raise HandlerError(400, "top_logprobs must be between 0 and 20")
+    requested = str(body.get("model") or "")
+    try:
+        ref = parse_model_ref(requested)
+    except ModelRefError as e:
+        raise HandlerError(400, "invalid model name" if e.kind == "invalid" else "model is required") from None
+    model = _lookup(service, ref.name, f"model '{requested}' not found")
+    messages = [
+        {**m, "role": str(m.get("role") or "").lower()} for m in (body.get("messages") or []) if isinstance(m, dict)
+    ]
+    if not messages and _is_unload(body):
+        service.scheduler.expire_runner(model)
+        now = format_time(service.clock.wall_time())
+        reply = {"model": requested, "created_at": now, "message": {"role": "assistant", "content": ""}}
+        return {**reply, "done": True, "done_reason": "unload"}
+    tools = body.get("tools") or []
+    if _think_requested(body):
+        raise HandlerError(400, f'"{requested}" does not support thinking')
+    if "completion" not in model.capabilities:
+        raise HandlerError(400, f'"{requested}" does not support chat')
+    if err := _capability_error(model, ["completion"] + (["tools"] if tools else [])):
+        raise HandlerError(400, err)
+    opts = _options(service, model, body.get("options"))
+    lease = await _acquire(service, model, opts, body)
+    clock.mark_acquired(lease)
+    if not messages:
+        lease.release()
+        now = format_time(service.clock.wall_time())
+        reply = {"model": requested, "created_at": now, "message": {"role": "assistant", "content": ""}}
+        return {**reply, "done": True, "done_reason": "load"}
+    json_format, format_error = check_format(body.get("format"))
+    history = [*model.messages, *messages]
+    system = "" if messages[0]["role"] == "system" else model.system
+    call = CompletionCall(
+        requested=requested,
+        model=model,
+        options=opts,
+        prompt_key=repr([(m.get("role"), m.get("content")) for m in history]) + system,
+        prompt_tokens=textgen.prompt_tokens_for_messages(history, system),
+        json_format=json_format,
+        chat=True,
+        tools=tools,
+        tool_turn=_is_tool_turn(messages),
+    )
+    return await _chunks_or_error(completion_chunks(service, lease, clock, call), format_error)
+
+
+async def embed(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    clock = _started(service)
+    try:
+        body = await read_request(request, EMBED_REQUEST, "EmbedRequest")
+        return json_response(await run_embed(service, body, clock))
+    except HandlerError as e:
+        return e.response()
+
+
+def _embed_inputs(raw: Any) -> list[str]:
+    if raw is None:
+        return []
+    if isinstance(raw, str):
+        return [raw] if raw else []
+    if isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+        return list(raw)
+    raise HandlerError(400, "invalid input type")
+
+
+async def run_embed(service: SimService, body: dict[str, Any], clock: RequestClock) -> dict[str, Any]:
+    """Check, schedule and run an embed request: the EmbedResponse. Raises HandlerError."""
+    requested = str(body.get("model") or "")
+    try:
+        ref = parse_model_ref(requested)
+    except ModelRefError as e:
+        status, message = (400, str(e)) if e.kind == "invalid" else (404, f"model '{requested}' not found")
+        raise HandlerError(status, message) from None
+    inputs = _embed_inputs(body.get("input"))
+    model = _lookup(service, ref.name, f'model "{requested}" not found, try pulling it first')
+    opts = _options(service, model, body.get("options"), embedding="embedding" in model.capabilities)
+    lease = await _acquire(service, model, opts, body)
+    clock.mark_acquired(lease)
+    try:
+        if not inputs:
+            return {"model": requested, "embeddings": []}
+        limit = min(lease.runner.context_length, model.spec.context_length or lease.runner.context_length)
+        texts = []
+        for text in inputs:
+            if textgen.count_tokens(text) + 2 > limit:
+                if body.get("truncate") is False:
+                    raise HandlerError(400, "the input length exceeds the context length")
+                text = text[: max(limit - 2, 1) * 4]
+            texts.append(text)
+        vectors, tokens, _seconds = await embed_inputs(
+            service, lease, model, texts, dimensions=int(body.get("dimensions") or 0)
+        )
+    finally:
+        lease.release()
+    if lease.runner.unloaded and not vectors:
+        raise HandlerError(500, "model runner has unexpectedly stopped")
+    total = clock.load_s + (service.clock.now() - clock.acquired_sim)
+    reply: dict[str, Any] = {"model": requested, "embeddings": vectors}
+    reply.update({k: v for k, v in (("total_duration", ns(total)), ("load_duration", ns(clock.load_s))) if v})
+    if tokens:
+        reply["prompt_eval_count"] = tokens
+    return reply
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    try:
+        body = await read_request(request, EMBEDDING_REQUEST, "EmbeddingRequest")
+        requested = str(body.get("model") or "")
+        try:
+            ref = parse_model_ref(requested)
+        except ModelRefError as e:
+            raise HandlerError(400, "invalid model name" if e.kind == "invalid" else "model is required") from None
+        model = _lookup(service, ref.name, f'model "{requested}" not found, try pulling it first')
+        opts = _options(service, model, body.get("options"), embedding="embedding" in model.capabilities)
+        lease = await _acquire(service, model, opts, body)
+        try:
+            prompt = str(body.get("prompt") or "")
+            if not prompt:
+                return json_response({"embedding": []})
+            vectors, _tokens, _s = await embed_inputs(service, lease, model, [prompt])
+        finally:
+            lease.release()
+        return json_response({"embedding": vectors[0]})
+    except HandlerError as e:
+        return e.response()
