@@ -119,6 +119,13 @@ class SimSettings:
     download_mbps: float = field(default=1000.0, metadata={"min": 0.1})  # simulated `pull` rate, MB/s
     host_mem_gb: float = field(default=64.0, metadata={"min": 1})
     host_mem_bw_gbps: float = field(default=60.0, metadata={"min": 1})
+    # Length of an answer when num_predict does not cut it short (the simulated model's "natural" stop).
+    answer_tokens_min: int = field(default=20, metadata={"min": 1})
+    answer_tokens_max: int = field(default=60, metadata={"min": 1})
+
+    def validate(self, path: str) -> None:
+        if self.answer_tokens_max < self.answer_tokens_min:
+            raise ConfigError(f"{path}.answer_tokens_max", "must be >= answer_tokens_min")
 
 
 @dataclass(frozen=True)

@@ -232,3 +232,15 @@ def test_interrupted_streams(tmp_path: Path, shared_store: Path) -> None:
         "check ollama server logs for details"
     ]
     assert not stream.chunks[-1]["done"]
+
+
+def test_answer_length_comes_from_the_rig_and_num_predict_still_caps_it(tmp_path: Path, shared_store: Path) -> None:
+    rig = {"answer_tokens_min": 150, "answer_tokens_max": 150}
+    with (
+        SimServer.start(tmp_path, models_dir=shared_store, speed=5000, sim=rig) as sim,
+        ollama.Client(host=sim.url) as client,
+    ):
+        natural = client.generate(model="qwen2.5:0.5b", prompt="tell me everything")
+        capped = client.generate(model="qwen2.5:0.5b", prompt="tell me everything", options={"num_predict": 40})
+    assert (natural.eval_count, natural.done_reason) == (150, "stop")
+    assert (capped.eval_count, capped.done_reason) == (40, "length")

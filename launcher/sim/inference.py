@@ -183,6 +183,7 @@ def decide(service: SimService, call: CompletionCall) -> tuple[list[str], str, l
         stop=opts.stop,
         json_format=call.json_format,
         salt=service.next_salt() if seed is None and opts.temperature > 0 else 0,
+        length_range=(service.settings.rig.answer_tokens_min, service.settings.rig.answer_tokens_max),
     )
     return list(completion.tokens), completion.done_reason, []
 

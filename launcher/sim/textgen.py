@@ -2,8 +2,9 @@
 
 Nothing here is a language model. Output is a stream of word tokens drawn from a fixed vocabulary by
 an RNG seeded from a hash of (model, prompt, seed), so the same request gives the same answer, and
-its length is modest (20 to 60 tokens) so tests stay fast. A prompt costs about one token per four
-characters. Embeddings are unit vectors of the model's embedding length, seeded by the text.
+its length is modest (20 to 60 tokens by default; `[sim] answer_tokens_min/max` change it) so tests
+stay fast. A prompt costs about one token per four characters. Embeddings are unit vectors of the
+model's embedding length, seeded by the text.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ def complete(
     stop: Sequence[str] = (),
     json_format: Any = None,
     salt: int = 0,
+    length_range: tuple[int, int] = (MIN_TOKENS, MAX_TOKENS),
 ) -> Completion:
     """The answer to one request. `json_format` is "json" or a JSON schema (dict) for structured output.
 
@@ -135,7 +137,7 @@ def complete(
         schema = json_format if isinstance(json_format, dict) else None
         tokens = _json_tokens(json.dumps(_json_value(rng, schema), separators=(", ", ": ")))
     else:
-        tokens = _words(rng, rng.randint(MIN_TOKENS, MAX_TOKENS))
+        tokens = _words(rng, rng.randint(*length_range))
     reason = "stop"
     if stop:
         text, cut = "", None
