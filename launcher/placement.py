@@ -22,6 +22,7 @@ class PlannedModel:
     expected_tokens_per_s: float  # single-stream decode rate on this backend
     num_gpu: int = -1  # layers on GPU (Ollama's num_gpu); -1: all of them
     reason: str = ""
+    card_vram_bytes: tuple[int, ...] = ()  # vram_bytes on each card, in the backend's gpu_indices order
 
 
 @dataclass(frozen=True)
