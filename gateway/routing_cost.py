@@ -52,6 +52,10 @@ class CostSettings:
     recency_tau_s: float = 60.0
     # How many of its own reloads an evicted model is expected to cost per unit of hotness.
     eviction_weight: float = 1.0
+    # Each sequence already decoding on a copy makes every token of a newcomer about this much
+    # slower (batched decode shares the weight read but not the KV reads or the compute):
+    # launcher.perf has 16 concurrent streams of an 8B on an RTX 4090 at 0.67x a lone stream's rate.
+    batch_slowdown_per_sequence: float = 0.03
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,18 +243,26 @@ def prefill_s(view: BackendView, model: str, size_bytes: int | None, prompt_toke
     return prompt_tokens * flops_per_token / flops_per_s
 
 
-def service_s(view: BackendView, model: str, size_bytes: int | None, prompt_tokens: int, costs: CostSettings) -> float:
-    """Wall time of one request of this model here: observed, else prefill + a typical decode."""
+def decode_s(view: BackendView, model: str, size_bytes: int | None, costs: CostSettings) -> float:
+    """Time to decode a typical answer here, from the observed rate, else from size and bandwidth."""
     observed = view.observed.get(model)
-    if observed is not None and observed.samples > 0 and observed.service_s > 0:
-        return observed.service_s
     if observed is not None and observed.tokens_per_s > 0:
         tokens_per_s = observed.tokens_per_s
     elif size_bytes:
         tokens_per_s = costs.decode_bw_efficiency * max(view.record.speed, 1e-3) * 1e12 / size_bytes
     else:
         return costs.unknown_service_s
-    return prefill_s(view, model, size_bytes, prompt_tokens, costs) + costs.output_tokens / tokens_per_s
+    return costs.output_tokens / tokens_per_s
+
+
+def service_s(view: BackendView, model: str, size_bytes: int | None, prompt_tokens: int, costs: CostSettings) -> float:
+    """Wall time of one request of this model here: observed, else prefill + a typical decode."""
+    observed = view.observed.get(model)
+    if observed is not None and observed.samples > 0 and observed.service_s > 0:
+        return observed.service_s
+    if not size_bytes and (observed is None or observed.tokens_per_s <= 0):
+        return costs.unknown_service_s
+    return prefill_s(view, model, size_bytes, prompt_tokens, costs) + decode_s(view, model, size_bytes, costs)
 
 
 def load_s(view: BackendView, model: str, size_bytes: int | None, costs: CostSettings) -> float:
@@ -328,7 +340,12 @@ def estimate(
     if resident is not None and options_match(resident, options, facts):
         route: Route = "resident_free_slot" if free_slots else "resident_queued"
         ttft = wait + prefill
-        return Estimate(view.id, route, ttft, ttft, speed, True, wait, slots=slots, free_slots=free_slots, ahead=ahead)
+        # Joining a busy copy slows this request's decode (and theirs): with two copies of a model,
+        # the less busy one wins, so replicas share the load instead of one taking all of it.
+        sharing = min(in_flight, slots) * costs.batch_slowdown_per_sequence * decode_s(view, model, size, costs)
+        return Estimate(
+            view.id, route, ttft, ttft + sharing, speed, True, wait, slots=slots, free_slots=free_slots, ahead=ahead
+        )
 
     # A cold load, or a reload with other options: Ollama then unloads the resident copy first
     # (waiting for its requests to finish), whether or not both would fit.

@@ -152,6 +152,23 @@ def test_spills_to_another_card_when_the_resident_one_is_saturated_and_a_load_is
     assert isinstance(decision, Send) and decision.reason == "cold_load"
 
 
+def test_two_resident_copies_share_the_load_instead_of_one_taking_all() -> None:
+    # Both cards hold the model with free slots; batching on the busier one slows every stream there.
+    g0 = view(record("g0", num_parallel=16), resident_models=[resident(LLAMA)], in_flight={LLAMA: 6})
+    g1 = view(record("g1", num_parallel=16), resident_models=[resident(LLAMA)], in_flight={LLAMA: 2})
+    assert sent_to(route(snap(g0, g1))) == "g1"
+    evened = view(record("g1", num_parallel=16), resident_models=[resident(LLAMA)], in_flight={LLAMA: 6})
+    assert sent_to(route(snap(g0, evened))) == "g0"  # a tie again: the stable order decides
+
+
+def test_a_busy_resident_copy_still_beats_a_cold_load_while_it_has_free_slots() -> None:
+    g0 = view(record("g0", num_parallel=16), resident_models=[resident(LLAMA)], in_flight={LLAMA: 12})
+    g1 = view(record("g1", num_parallel=16))
+    decision = route(snap(g0, g1))
+    assert sent_to(decision) == "g0"
+    assert isinstance(decision, Send) and decision.reason == "resident_free_slot"
+
+
 def test_stays_queued_on_the_resident_card_when_a_cold_load_would_take_longer() -> None:
     quick = ObservedStats(tokens_per_s=120.0, load_s=2.5, service_s=1.5, samples=20)
     g0 = view(record("g0"))
