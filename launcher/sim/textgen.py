@@ -66,10 +66,12 @@ class Completion:
         return "".join(self.tokens)
 
 
-def _words(rng: random.Random, n: int) -> list[str]:
+def _words(rng: random.Random, n: int, limit: int | None = None) -> list[str]:
+    """An answer of `n` word tokens, of which only the first `limit` are made: the draws are sequential,
+    so a cut answer is exactly the prefix of the whole one."""
     out: list[str] = []
     sentence_start = True
-    for i in range(n):
+    for i in range(n if limit is None else min(n, limit)):
         word = rng.choice(WORDS)
         if sentence_start:
             word = word.capitalize()
@@ -79,9 +81,40 @@ def _words(rng: random.Random, n: int) -> list[str]:
             token += rng.choice(_PUNCT)
             sentence_start = token[-1] in ".!?"
         out.append(token)
-    if out and out[-1][-1] not in ".!?":
+    if out and len(out) == n and out[-1][-1] not in ".!?":
         out[-1] += "."
     return out
+
+
+def _cut_at_stop(tokens: Sequence[str], stop: Sequence[str]) -> list[str] | None:
+    """The tokens before the first stop sequence (the last one trimmed), or None when none occurs.
+
+    Only the tail that a new token can complete a match in is searched, so this stays linear."""
+    stops = [s for s in stop if s]
+    if not stops:
+        return None
+    longest = max(len(s) for s in stops)
+    text = ""
+    for i, token in enumerate(tokens):
+        start = max(0, len(text) - longest + 1)
+        text += token
+        window = text[start:]
+        hits = [start + window.find(s) for s in stops if s in window]
+        if not hits:
+            continue
+        kept = text[: min(hits)]
+        # Re-split the kept text back into the tokens it came from (the last one trimmed).
+        out, acc = [], ""
+        for t in tokens[: i + 1]:
+            if len(acc) + len(t) <= len(kept):
+                out.append(t)
+                acc += t
+            else:
+                if kept[len(acc) :]:
+                    out.append(kept[len(acc) :])
+                break
+        return out
+    return None
 
 
 def _json_value(rng: random.Random, schema: Any, depth: int = 0) -> Any:
@@ -133,33 +166,19 @@ def complete(
     rng = random.Random(
         _seed(model, prompt_key, seed if not varying else "", salt if varying and temperature > 0 else 0)
     )
+    limited = False  # num_predict cuts the answer short
     if json_format is not None:
         schema = json_format if isinstance(json_format, dict) else None
         tokens = _json_tokens(json.dumps(_json_value(rng, schema), separators=(", ", ": ")))
     else:
-        tokens = _words(rng, rng.randint(*length_range))
+        n = rng.randint(*length_range)
+        limited = 0 <= num_predict < n
+        tokens = _words(rng, n, num_predict if limited else None)
     reason = "stop"
-    if stop:
-        text, cut = "", None
-        for i, token in enumerate(tokens):
-            text += token
-            hits = [text.find(s) for s in stop if s and s in text]
-            if hits:
-                cut = min(hits)
-                kept = text[:cut]
-                # Re-split the kept text back into the tokens it came from (the last one trimmed).
-                out, acc = [], ""
-                for t in tokens[: i + 1]:
-                    if len(acc) + len(t) <= len(kept):
-                        out.append(t)
-                        acc += t
-                    else:
-                        if kept[len(acc) :]:
-                            out.append(kept[len(acc) :])
-                        break
-                tokens = out
-                break
-    if 0 <= num_predict < len(tokens):
+    cut = _cut_at_stop(tokens, stop)
+    if cut is not None:
+        tokens = cut
+    elif limited or 0 <= num_predict < len(tokens):
         tokens = tokens[:num_predict]
         reason = "length"
     return Completion(tuple(tokens), reason)
