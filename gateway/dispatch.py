@@ -76,7 +76,8 @@ def _decide(request: web.Request, route: RouteRequest) -> Decision:
     decision = choose(route, app[appkeys.POOL].snapshot(), app[appkeys.POLICY])
     kind = type(decision).__name__.lower()
     app[appkeys.METRICS].decisions.labels(kind, decision.reason).inc()
-    log.debug("%s %s model=%s: %s", request.method, request.path, route.model, decision.explanation)
+    if log.isEnabledFor(logging.DEBUG):  # the explanation is built only for someone reading it
+        log.debug("%s %s model=%s: %s", request.method, request.path, route.model, decision.explanation)
     return decision
 
 

@@ -50,8 +50,8 @@ HOP_BY_HOP: frozenset[str] = frozenset(
 # by the client library, Authorization carries the gateway's key (backends must not see it), and
 # Expect would make the backend answer 100-continue to a body we already hold.
 DROP_REQUEST_HEADERS: frozenset[str] = HOP_BY_HOP | {"host", "content-length", "authorization", "expect"}
-# Reply headers not to forward: the body is re-framed (chunked) by this server, which also sets its
-# own Date and Server.
+# Reply headers not to forward: the body is re-framed by this server (chunked, or with its own
+# Content-Length when the whole reply is already here), which also sets its own Date and Server.
 DROP_RESPONSE_HEADERS: frozenset[str] = HOP_BY_HOP | {"content-length", "date", "server"}
 
 # Largest reply whose end is kept to read the final chunk's metrics (load_duration, eval_count).
@@ -228,11 +228,24 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, backend
     except CONNECT_ERRORS as e:
         raise AttemptFailed(backend_id, f"failed before the first byte: {_describe(e)}") from e
 
+    first_byte_s = time.monotonic() - started_at
+    tap = FinalChunkTap()
+    if upstream.content_length is not None and len(first) == upstream.content_length:
+        # The whole reply is already here (a non-streamed answer): one write with its length
+        # instead of a chunked reply and a separate terminating chunk.
+        tap.feed(first)
+        whole = web.Response(
+            status=upstream.status, reason=upstream.reason, headers=reply_headers(upstream, backend_id), body=first
+        )
+        try:
+            await whole.prepare(request)
+            await whole.write_eof()
+        except (ConnectionError, aiohttp.ClientConnectionResetError) as e:
+            raise ClientGone(whole, str(e)) from e
+        return Outcome(whole, upstream.status, first_byte_s, tap.final(), None)
     response = web.StreamResponse(
         status=upstream.status, reason=upstream.reason, headers=reply_headers(upstream, backend_id)
     )
-    first_byte_s = time.monotonic() - started_at
-    tap = FinalChunkTap()
     sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
     try:
         await response.prepare(request)

@@ -244,3 +244,25 @@ def test_answer_length_comes_from_the_rig_and_num_predict_still_caps_it(tmp_path
         capped = client.generate(model="qwen2.5:0.5b", prompt="tell me everything", options={"num_predict": 40})
     assert (natural.eval_count, natural.done_reason) == (150, "stop")
     assert (capped.eval_count, capped.done_reason) == (40, "length")
+
+
+def test_warm_requests_report_no_load_time_even_when_others_are_decoding(tmp_path: Path, shared_store: Path) -> None:
+    # At a high speed factor, real overhead must not be scaled into seconds of "load" (the gateway
+    # reads a large load_duration as a cold load).
+    env = {"OLLAMA_NUM_PARALLEL": "16", "OLLAMA_KEEP_ALIVE": "-1"}
+    with SimServer.start(tmp_path, models_dir=shared_store, speed=100000, env=env) as sim:
+        sim.json("POST", "/api/generate", {"model": "qwen2.5:0.5b", "prompt": ""})
+        replies: list[dict[str, Any]] = []
+
+        def ask() -> None:
+            body = {"model": "qwen2.5:0.5b", "prompt": "hello", "stream": False}
+            for _ in range(10):
+                replies.append(sim.json("POST", "/api/generate", body))
+
+        threads = [threading.Thread(target=ask) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(replies) == 120
+    assert max(r.get("load_duration", 0) for r in replies) < 0.5e9

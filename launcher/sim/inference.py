@@ -57,6 +57,7 @@ class RequestClock:
     start_sim: float = 0.0
     acquired: float = 0.0
     acquired_sim: float = 0.0
+    went_through_queue: bool = False
 
     def __post_init__(self) -> None:
         self.start_sim = self.service.clock.now()
@@ -64,10 +65,17 @@ class RequestClock:
     def mark_acquired(self, lease: Lease) -> None:
         self.acquired = time.monotonic()
         self.acquired_sim = self.service.clock.now()
+        self.went_through_queue = lease.queued
 
     @property
     def load_s(self) -> float:
-        """Ollama's load_duration: request start to runner acquired (queueing and loading included)."""
+        """Ollama's load_duration: request start to runner acquired (queueing and loading included).
+
+        A request that attached to a loaded runner waited for no simulated work of its own: its
+        load_duration is its real overhead. Reading it off the shared simulated clock instead would
+        multiply that overhead by the speed factor whenever other requests happen to be decoding."""
+        if not self.went_through_queue:
+            return max(self.acquired - self.start, 0.0)
         return max(self.acquired_sim - self.start_sim, 0.0)
 
 
