@@ -9,7 +9,7 @@ so that machine noise hits them alike:
            the zero-overhead baseline)
   gateway  `corral gateway` (its own process) over both backends, policy `residency`
   nginx    nginx round-robin over both backends (when the `nginx` binary is installed)
-Scenarios: small non-streamed /api/chat at concurrency 16 and 64; 64 concurrent streams of 200
+Scenarios: small non-streamed /api/chat at concurrency 1, 16 and 64; 64 concurrent streams of 200
 chunks. Reported: requests/s (chunks/s for streams), p50/p99 latency, and the ratios to direct.
 Everything runs on this one machine, load generator included, so absolute numbers are the
 machine's; the ratios are the result.
@@ -312,6 +312,8 @@ async def measure(paths: dict[str, Callable[[], str]], args: argparse.Namespace)
         await run_small(name, "warmup", pick, 16, 300)
     for round_no in range(args.rounds):
         for name, pick in paths.items():
+            # c=1 shows the hop's own latency on an idle machine; c=16 and c=64 load it.
+            results.append(await run_small(name, "chat c=1", pick, 1, max(args.requests // 4, 100)))
             for concurrency in (16, 64):
                 r = await run_small(name, f"chat c={concurrency}", pick, concurrency, args.requests)
                 results.append(r)
