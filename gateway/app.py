@@ -218,14 +218,15 @@ def create_app(
         ],
     )
     app.on_response_prepare.append(add_cors_headers)
-    queues = WaitQueues(settings.queue_size)
+    # The re-check is a safety net: pool changes and finished requests already wake waiters.
+    queues = WaitQueues(settings.queue_size, recheck_s=settings.poll_interval_s)
     app[appkeys.SETTINGS] = settings
     app[appkeys.STORE] = store
     app[appkeys.KEYS] = keys
     app[appkeys.METRICS] = Metrics()
     app[appkeys.QUEUES] = queues
     app[appkeys.POOL] = BackendPool(settings, queue_depths=queues.depths)
-    app[appkeys.POLICY] = make_policy(settings.policy)
+    app[appkeys.POLICY] = make_policy(settings.policy, max_wait_s=settings.max_wait_s)
     app[appkeys.TRACKER] = tracker
     app[appkeys.STARTED_AT] = time.time()
     app[appkeys.LISTEN] = listen or settings.listen

@@ -62,6 +62,9 @@ class GatewaySettings:
     # Requests that no backend can take now wait at the gateway, per model, up to this many.
     queue_size: int = field(default=256, metadata={"min": 0})
     queue_timeout_s: float = field(default=300.0, metadata={"duration": True, "min": 0})
+    # Residency policy: when even the best backend's expected wait for a slot is longer than this,
+    # the request waits at the gateway (where it can still go wherever a slot frees first).
+    max_wait_s: float = field(default=30.0, metadata={"duration": True, "min": 0})
     max_body_bytes: int = field(default=32 * 1024 * 1024, metadata={"min": 1024})
     retries: int = field(default=2, metadata={"min": 0, "max": 10})
     connect_timeout_s: float = field(default=5.0, metadata={"duration": True, "min": 0.1})

@@ -216,3 +216,26 @@ async def test_metrics_and_status_after_traffic(fakes: MakeFake, http: aiohttp.C
     (resident,) = row["resident"]
     assert resident["name"] == "llama3.1:8b" and resident["size_vram_bytes"] > 0
     assert resident["context_length"] == 4096 and resident["expires_at"] > 0
+
+
+@pytest.mark.parametrize(("max_wait_s", "waits_at_gateway"), [(0.0, True), (30.0, False)])
+async def test_max_wait_decides_between_the_backends_queue_and_the_gateways(
+    fakes: MakeFake, http: aiohttp.ClientSession, max_wait_s: float, waits_at_gateway: bool
+) -> None:
+    # One slot, busy: a second request for the same model either queues at the backend (a short
+    # expected wait) or, past [gateway] max_wait_s, waits at the gateway for the slot to free.
+    hold = asyncio.Event()
+    fake = await fakes(name="g0", models={"llama3.1:8b": 4_920_000_000}, resident={"llama3.1:8b": 4096}, hold=hold)
+    async with gateway(fake, vram_gb=24, max_wait_s=max_wait_s) as gw:
+        busy = await _hold_a_stream(http, gw, fake)
+        second = asyncio.create_task(backend_of(http, gw))
+        if waits_at_gateway:
+            await wait_for(lambda: gw.app[POOL].queue_depths().get("llama3.1:8b") == 1)
+            assert len(fake.calls("/api/generate")) == 1  # only the busy stream reached the backend
+        else:
+            await wait_for(lambda: len(fake.calls("/api/generate")) == 2)
+            assert not gw.app[POOL].queue_depths()
+        hold.set()
+        await busy.read()
+        busy.release()
+        assert await asyncio.wait_for(second, timeout=10) == "g0"
