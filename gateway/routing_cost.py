@@ -179,13 +179,19 @@ def min_need_bytes(
     return _need_for(view, facts, effective_num_ctx(view, num_ctx, facts))
 
 
-def options_match(resident: ResidentModel, options: LoadOptions, facts: ModelFacts | None) -> bool:
+def options_match(
+    resident: ResidentModel, options: LoadOptions, facts: ModelFacts | None, default_ctx: int = 0
+) -> bool:
     """Whether Ollama would reuse this loaded copy for a request with these load options
-    (server/sched.go needsReload). An option the request leaves out matches; num_gpu < 0 matches
-    anything; an option whose loaded value is unknown is assumed to match (a wrong guess costs one
-    reload, which Ollama then does itself)."""
-    if options.num_ctx is not None:
-        wanted = options.num_ctx
+    (server/sched.go needsReload). num_gpu < 0 matches anything; an option whose loaded value is
+    unknown is assumed to match (a wrong guess costs one reload, which Ollama then does itself).
+
+    A request without num_ctx gets the backend's OLLAMA_CONTEXT_LENGTH when one is set
+    (`default_ctx` > 0; routes.go usesAutomaticNumCtx), so a copy loaded with another context is
+    reloaded for it. Without that setting both sides use the automatic tier, which matches."""
+    wanted_ctx = options.num_ctx if options.num_ctx is not None else (default_ctx or None)
+    if wanted_ctx is not None:
+        wanted = wanted_ctx
         if facts is not None and facts.context_length > 0:
             wanted = min(wanted, facts.context_length)
         if max(wanted, MIN_NUM_CTX) != resident.context_length:
@@ -337,7 +343,7 @@ def estimate(
         )
 
     resident = view.resident_model(model)
-    if resident is not None and options_match(resident, options, facts):
+    if resident is not None and options_match(resident, options, facts, view.default_num_ctx):
         route: Route = "resident_free_slot" if free_slots else "resident_queued"
         ttft = wait + prefill
         # Joining a busy copy slows this request's decode (and theirs): with two copies of a model,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import tracemalloc
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 
 import pytest
 
@@ -264,6 +265,19 @@ def test_the_split_backend_being_down_is_a_503_not_too_large() -> None:
     split = view(record("s01", vram_gib=48, kind=BackendKind.SPLIT, gpus=2), healthy=False)
     decision = route(snap(view(record("g0")), split), BIG, options=LoadOptions(num_ctx=8192))
     assert isinstance(decision, Reject) and (decision.status, decision.reason) == (503, "no_healthy_backend")
+
+
+def test_without_num_ctx_a_request_gets_the_backends_context_length() -> None:
+    # Both backends run with OLLAMA_CONTEXT_LENGTH=4096. g0's copy was loaded by someone asking for
+    # 16384: Ollama would reload it for a request that leaves num_ctx out. g1's copy matches.
+    g0 = replace(view(record("g0", speed=3.3), resident_models=[resident(LLAMA, ctx=16384)]), default_num_ctx=4096)
+    g1 = replace(view(record("g1"), resident_models=[resident(LLAMA, ctx=4096)]), default_num_ctx=4096)
+    decision = route(snap(g0, g1))
+    assert sent_to(decision) == "g1"
+    assert isinstance(decision, Send) and decision.reason == "resident_free_slot"
+    # With the automatic tier (no OLLAMA_CONTEXT_LENGTH), a copy with an automatic context is reused.
+    auto = view(record("g0", speed=3.3), resident_models=[resident(LLAMA, ctx=16384)])
+    assert sent_to(route(snap(auto, view(record("g1"))))) == "g0"
 
 
 def test_a_different_num_ctx_means_not_resident() -> None:
