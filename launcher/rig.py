@@ -60,7 +60,9 @@ def describe_cards(cards: Sequence[GpuInfo]) -> str:
 
 
 def _nvml_discover() -> list[GpuInfo]:
-    return gpus.discover()  # every card NVML sees, like the supervisor's memory refresh
+    # The operator's CUDA_VISIBLE_DEVICES limits which cards the rig uses (say, to keep a display
+    # card out of it); each backend then gets its own cards by UUID.
+    return gpus.discover(os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
 def _discover_real(discover: Discover) -> tuple[list[GpuInfo], str]:

@@ -302,7 +302,7 @@ async def _up_until_stopped(cfg: CorralConfig, opts: UpOptions, out: ProgressPri
 def _refresh_for(sim: bool, session: aiohttp.ClientSession, urls: list[str], rig: Rig) -> Refresh:
     if sim:
         return sim_refresh(session, urls, rig.gpus)
-    return nvml_refresh(None)  # the same view as resolve_rig: every card NVML sees
+    return nvml_refresh(os.environ.get("CUDA_VISIBLE_DEVICES"))  # the same cards resolve_rig uses
 
 
 async def _preload(

@@ -188,3 +188,16 @@ def test_model_specs_resolve_aliases_and_name_unknown_models(tmp_path: Path) -> 
     cfg = load_config(_config(tmp_path, "[[models]]\nname = 'llama3.1:8b'\n[[models]]\nname = 'mystery:7b'\n"))
     with pytest.raises(ConfigError, match=r"models\[1\].name: model 'mystery:7b' not found \(.*catalog"):
         model_specs(cfg)
+
+
+def test_the_operators_cuda_visible_devices_limits_the_rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # NVML is the one thing faked: a recorded 2x RTX 4090 box, of which the operator hands Corral GPU 1.
+    from launcher import gpus
+    from tests.fakenvml import FakeNvml, load_fixture
+
+    fake = FakeNvml(load_fixture("2x-rtx-4090"))
+    monkeypatch.setattr(gpus, "load_nvml", lambda: fake)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    rig = resolve_rig(_cfg(tmp_path), which=lambda name: f"/opt/{name}")
+    assert rig.mode == "real"
+    assert [g.index for g in rig.gpus] == [1]
