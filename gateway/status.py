@@ -72,7 +72,7 @@ async def status(request: web.Request) -> web.Response:
             "policy": settings.policy,
             "started_at": started_at,
             "uptime_s": round(time.time() - started_at, 3),
-            "active_requests": app[appkeys.TRACKER].active,
+            "active_requests": max(app[appkeys.TRACKER].active - 1, 0),  # not counting this status request
             "queue_depths": dict(sorted(queued.items())),
             "queue_size": settings.queue_size,
         },

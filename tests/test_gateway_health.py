@@ -209,6 +209,7 @@ async def test_metrics_and_status_after_traffic(fakes: MakeFake, http: aiohttp.C
         status["gateway"]
     )
     assert status["gateway"]["policy"] == "residency"
+    assert status["gateway"]["active_requests"] == 0  # an idle gateway, not counting the status call
     (row,) = [s for s in status["backends"] if s["id"] == "b"]
     for key in ("url", "state", "kind", "gpu_names", "started_at", "restarts", "last_error", "healthy", "in_flight"):
         assert key in row
