@@ -331,7 +331,8 @@ class BackendPool:
             return
         facts = self.facts.get(model)
         size = facts.size_bytes if facts else 0
-        ctx = (loaded_with.num_ctx if loaded_with else None) or 0
+        # Without num_ctx in the request, Ollama loaded it at the backend's OLLAMA_CONTEXT_LENGTH.
+        ctx = (loaded_with.num_ctx if loaded_with else None) or live.record.default_num_ctx or 0
         live.seen_resident[model] = (
             ResidentModel(model, size, size, ctx, expires_at=None, loaded_with=loaded_with),
             now,

@@ -190,7 +190,7 @@ def options_match(
     (`default_ctx` > 0; routes.go usesAutomaticNumCtx), so a copy loaded with another context is
     reloaded for it. Without that setting both sides use the automatic tier, which matches."""
     wanted_ctx = options.num_ctx if options.num_ctx is not None else (default_ctx or None)
-    if wanted_ctx is not None:
+    if wanted_ctx is not None and resident.context_length > 0:  # 0: the gateway never learned it
         wanted = wanted_ctx
         if facts is not None and facts.context_length > 0:
             wanted = min(wanted, facts.context_length)

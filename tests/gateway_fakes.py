@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -324,6 +325,10 @@ class FakeOllama:
     async def api_push(self, request: web.Request) -> web.Response:
         await self._record(request)
         return web.json_response({"status": "success"})
+
+
+# What the `fakes` fixture (tests/conftest.py) hands a test: start one more fake backend.
+MakeFake = Callable[..., Awaitable["FakeOllama"]]
 
 
 def fast_settings(*backends: StaticBackend, **overrides: Any) -> GatewaySettings:

@@ -4,39 +4,15 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
-import pytest
 
 from gateway.auth import ApiKeys
 from gateway.record import BackendRecord
 from gateway.server import GatewayServer
 from gateway.state import MemoryStore
-from tests.gateway_fakes import FakeOllama, fast_settings
-
-MakeFake = Callable[..., Awaitable[FakeOllama]]
-
-
-@pytest.fixture
-async def fakes() -> AsyncIterator[MakeFake]:
-    started: list[FakeOllama] = []
-
-    async def make(**kwargs: Any) -> FakeOllama:
-        fake = await FakeOllama(**kwargs).start()
-        started.append(fake)
-        return fake
-
-    yield make
-    for fake in started:
-        await fake.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+from tests.gateway_fakes import FakeOllama, MakeFake, fast_settings
 
 
 def gateway(*backends: FakeOllama, gpus: dict[str, tuple[str, ...]] | None = None) -> GatewayServer:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -15,32 +14,9 @@ from gateway.appkeys import POOL
 from gateway.auth import ApiKeys
 from gateway.server import GatewayServer
 from gateway.state import MemoryStore
-from tests.gateway_fakes import FakeOllama, fast_settings, wait_for
+from tests.gateway_fakes import FakeOllama, MakeFake, fast_settings, wait_for
 
-MakeFake = Callable[..., Awaitable[FakeOllama]]
 GENERATE = {"model": "llama3.1:8b", "prompt": "hi", "stream": False}
-
-
-@pytest.fixture
-async def fakes() -> AsyncIterator[MakeFake]:
-    started: list[FakeOllama] = []
-
-    async def make(**kwargs: Any) -> FakeOllama:
-        fake = await FakeOllama(**kwargs).start()
-        started.append(fake)
-        return fake
-
-    yield make
-    for fake in started:
-        if fake.hold is not None:
-            fake.hold.set()
-        await fake.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 def gateway(*backends: FakeOllama, vram_gb: float = 0.0, **overrides: Any) -> GatewayServer:

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
-from typing import Any
 
 import aiohttp
-import pytest
 
 from gateway.appkeys import POLICY, POOL
 from gateway.auth import ApiKeys
@@ -19,32 +16,9 @@ from gateway.record import BackendKind, BackendRecord, BackendState
 from gateway.routing import RouteRequest, Send, choose
 from gateway.server import GatewayServer
 from gateway.state import MemoryStore
-from tests.gateway_fakes import FakeOllama, fast_settings, wait_for
+from tests.gateway_fakes import MakeFake, fast_settings, wait_for
 
-MakeFake = Callable[..., Awaitable[FakeOllama]]
 GIB = 1024**3
-
-
-@pytest.fixture
-async def fakes() -> AsyncIterator[MakeFake]:
-    started: list[FakeOllama] = []
-
-    async def make(**kwargs: Any) -> FakeOllama:
-        fake = await FakeOllama(**kwargs).start()
-        started.append(fake)
-        return fake
-
-    yield make
-    for fake in started:
-        if fake.hold is not None:
-            fake.hold.set()
-        await fake.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def where(http: aiohttp.ClientSession, gw: GatewayServer, model: str = "llama3.1:8b") -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -19,31 +18,7 @@ from gateway.auth import ApiKeys
 from gateway.pool import BackendPool
 from gateway.server import GatewayServer
 from gateway.state import MemoryStore
-from tests.gateway_fakes import FakeOllama, fast_settings, wait_for
-
-MakeFake = Callable[..., Awaitable[FakeOllama]]
-
-
-@pytest.fixture
-async def fakes() -> AsyncIterator[MakeFake]:
-    started: list[FakeOllama] = []
-
-    async def make(**kwargs: Any) -> FakeOllama:
-        fake = await FakeOllama(**kwargs).start()
-        started.append(fake)
-        return fake
-
-    yield make
-    for fake in started:
-        if fake.hold is not None:
-            fake.hold.set()
-        await fake.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+from tests.gateway_fakes import FakeOllama, MakeFake, fast_settings, wait_for
 
 
 def gateway(*backends: FakeOllama, **overrides: Any) -> GatewayServer:

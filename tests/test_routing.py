@@ -278,6 +278,9 @@ def test_without_num_ctx_a_request_gets_the_backends_context_length() -> None:
     # With the automatic tier (no OLLAMA_CONTEXT_LENGTH), a copy with an automatic context is reused.
     auto = view(record("g0", speed=3.3), resident_models=[resident(LLAMA, ctx=16384)])
     assert sent_to(route(snap(auto, view(record("g1"))))) == "g0"
+    # A copy whose context the gateway never learned (0) is assumed to match, not reloaded.
+    unknown = replace(view(record("g0"), resident_models=[resident(LLAMA, ctx=0)]), default_num_ctx=4096)
+    assert sent_to(route(snap(unknown, view(record("g1", speed=3.3))))) == "g0"
 
 
 def test_a_different_num_ctx_means_not_resident() -> None:

@@ -1,0 +1,35 @@
+"""Fixtures shared by the gateway tests: fake Ollama backends and one HTTP client session."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.gateway_fakes import FakeOllama, MakeFake
+
+
+@pytest.fixture
+async def fakes() -> AsyncIterator[MakeFake]:
+    """Start fake Ollama backends (`await fakes(name="g0", ...)`); all are stopped after the test,
+    held replies released first so no handler is left waiting."""
+    started: list[FakeOllama] = []
+
+    async def make(**kwargs: Any) -> FakeOllama:
+        fake = await FakeOllama(**kwargs).start()
+        started.append(fake)
+        return fake
+
+    yield make
+    for fake in started:
+        if fake.hold is not None:
+            fake.hold.set()
+        await fake.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
