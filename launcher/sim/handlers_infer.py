@@ -8,7 +8,7 @@ options, then scheduling (503 queue full, 500 load failure, 499 cancelled).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -118,24 +118,36 @@ def _think_requested(body: dict[str, Any]) -> bool:
 Chunks = AsyncGenerator[dict[str, Any] | StreamError, None]
 
 
-async def generate(request: web.Request) -> web.StreamResponse:
+Start = Callable[[SimService, dict[str, Any], RequestClock], Awaitable[dict[str, Any] | Chunks]]
+
+
+async def _serve(request: web.Request, schema: Any, type_name: str, start: Start, *, chat: bool) -> web.StreamResponse:
+    """Read, check and schedule one generate or chat request, then answer it (streamed or not)."""
     service = request.app[SERVICE]
     clock = _started(service)
     try:
-        body = await read_request(request, GENERATE_REQUEST, "GenerateRequest")
-        started = await start_generate(service, body, clock)
+        body = await read_request(request, schema, type_name)
+        started = await start(service, body, clock)
     except HandlerError as e:
         return e.response()
     if isinstance(started, dict):
         return json_response(started)
-    return await _reply(request, started, stream=body.get("stream") is not False, chat=False)
+    return await _reply(request, started, stream=body.get("stream") is not False, chat=chat)
+
+
+def _check_top_logprobs(body: dict[str, Any]) -> None:
+    top = body.get("top_logprobs", 0) or 0
+    if top < 0 or top > 20:
+        raise HandlerError(400, "top_logprobs must be between 0 and 20")
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, GENERATE_REQUEST, "GenerateRequest", start_generate, chat=False)
 
 
 async def start_generate(service: SimService, body: dict[str, Any], clock: RequestClock) -> dict[str, Any] | Chunks:
     """Check and schedule a generate request: a reply (load/unload) or its chunks. Raises HandlerError."""
-    top = body.get("top_logprobs", 0) or 0
-    if top < 0 or top > 20:
-        raise HandlerError(400, "top_logprobs must be between 0 and 20")
+    _check_top_logprobs(body)
     requested = str(body.get("model") or "")
     try:
         ref = parse_model_ref(requested)
@@ -217,23 +229,12 @@ def _is_tool_turn(messages: list[dict[str, Any]]) -> bool:
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
-    service = request.app[SERVICE]
-    clock = _started(service)
-    try:
-        body = await read_request(request, CHAT_REQUEST, "ChatRequest")
-        started = await start_chat(service, body, clock)
-    except HandlerError as e:
-        return e.response()
-    if isinstance(started, dict):
-        return json_response(started)
-    return await _reply(request, started, stream=body.get("stream") is not False, chat=True)
+    return await _serve(request, CHAT_REQUEST, "ChatRequest", start_chat, chat=True)
 
 
 async def start_chat(service: SimService, body: dict[str, Any], clock: RequestClock) -> dict[str, Any] | Chunks:
     """Check and schedule a chat request: a reply (load/unload) or its chunks. Raises HandlerError."""
-    top = body.get("top_logprobs", 0) or 0
-    if top < 0 or top > 20:
-        raise HandlerError(400, "top_logprobs must be between 0 and 20")
+    _check_top_logprobs(body)
     requested = str(body.get("model") or "")
     try:
         ref = parse_model_ref(requested)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from launcher.catalog import ModelSpec, find_model
-from launcher.gguf import GGUFArray, GGUFError, read_gguf_metadata, spec_from_gguf
+from launcher.gguf import GGUFArray, GGUFError, gguf_metadata_for_spec, read_gguf_metadata, spec_from_gguf
 from launcher.store import (
     MEDIA_TYPE_LICENSE,
     MEDIA_TYPE_MESSAGES,
@@ -101,30 +101,19 @@ class InstalledModel:
         }
 
     def model_info(self, *, verbose: bool = False) -> dict[str, Any]:
-        """/api/show model_info: the GGUF key/values minus general.name and the chat template."""
-        if self.gguf:
-            info: dict[str, Any] = {}
-            for key, value in self.gguf.items():
-                if key in ("general.name", "tokenizer.chat_template"):
-                    continue
-                if isinstance(value, GGUFArray):
-                    info[key] = []  # only its length was read: the header reader skips huge arrays
-                elif isinstance(value, list) and len(value) > 5 and not verbose:
-                    info[key] = []
-                else:
-                    info[key] = value
-            return dict(sorted(info.items()))
-        spec, arch = self.spec, self.spec.family
-        info = {
-            "general.architecture": arch,
-            "general.parameter_count": spec.parameter_count,
-            f"{arch}.block_count": spec.block_count,
-            f"{arch}.context_length": spec.context_length,
-            f"{arch}.embedding_length": spec.embedding_length,
-            f"{arch}.attention.head_count": spec.head_count,
-            f"{arch}.attention.head_count_kv": spec.head_count_kv,
-            f"{arch}.vocab_size": spec.vocab_size,
-        }
+        """/api/show model_info: the GGUF key/values minus general.name and the chat template. A blob
+        without a readable GGUF header is described by the metadata its catalog entry would carry."""
+        source = self.gguf or gguf_metadata_for_spec(self.spec)
+        info: dict[str, Any] = {}
+        for key, value in source.items():
+            if key in ("general.name", "tokenizer.chat_template"):
+                continue
+            if isinstance(value, GGUFArray):
+                info[key] = []  # only its length was read: the header reader skips huge arrays
+            elif isinstance(value, list) and len(value) > 5 and not verbose:
+                info[key] = []
+            else:
+                info[key] = value
         return dict(sorted(info.items()))
 
 
