@@ -24,13 +24,11 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +38,8 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.simproc import SimServer  # noqa: E402 - the repo root must be importable first
+from bench.harness import free_port, gateway_process, wait_http  # noqa: E402 - the repo root must be importable first
+from tests.simproc import SimServer  # noqa: E402
 
 MODEL = "qwen2.5:0.5b"
 SMALL_CHAT = {
@@ -55,22 +54,6 @@ STREAM_CHAT = {
     "stream": True,
     "options": {"num_predict": 200, "seed": 1},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as resp:
-            if resp.status == 200:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"{url} did not answer within {timeout_s}s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,37 +151,6 @@ def round_robin(urls: list[str]) -> Callable[[], str]:
 
 # ---------------------------------------------------------------------------------------------
 # The three paths
-
-
-@contextlib.contextmanager
-def gateway_process(workdir: Path, backends: list[str]) -> Iterator[str]:
-    port = free_port()
-    config = workdir / "gateway.toml"
-    lines = ["[gateway]", f'listen = "127.0.0.1:{port}"', 'policy = "residency"', "queue_size = 4096"]
-    for url in backends:
-        lines += ["[[gateway.backends]]", f'url = "{url}"', "num_parallel = 64"]
-    config.write_text("\n".join(lines) + "\n")
-    log = (workdir / "gateway.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", "gateway", "--config", str(config)],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/")
-        # Let the first poll of /api/tags and /api/ps land, so routing sees the resident model.
-        time.sleep(2.0)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @contextlib.contextmanager
@@ -361,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                 "gateway": lambda: gateway_url,
             }
             if nginx_url:
-                paths["nginx"] = lambda: nginx_url  # type: ignore[return-value]
+                paths["nginx"] = lambda: nginx_url
             else:
                 print("nginx not installed: measuring direct and gateway only", file=sys.stderr)
             results = asyncio.run(measure(paths, args))

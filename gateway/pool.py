@@ -292,7 +292,8 @@ class BackendPool:
         load_options: LoadOptions,
         service_s: float,
     ) -> ReplyFacts:
-        """Learn from a reply's final chunk (Ollama's durations are integer nanoseconds)."""
+        """Learn from a reply's final chunk (Ollama's durations are integer nanoseconds).
+        `service_s` (wall time of the request) is used only when the reply has no durations."""
         load_s = _int(final.get("load_duration")) / 1e9
         eval_count = _int(final.get("eval_count"))
         eval_s = _int(final.get("eval_duration")) / 1e9
@@ -301,6 +302,14 @@ class BackendPool:
         prompt_s = _int(final.get("prompt_eval_duration")) / 1e9
         prefill_rate = prompt_count / prompt_s if prompt_count and prompt_s > 0 else 0.0
         cold = "load_duration" in final and load_s >= self.settings.cold_load_threshold_s
+        # How long the request held a slot, in the backend's own clock: what frees a slot for the
+        # next one. Wall time would also count its wait for a slot (queueing the router already
+        # counts by itself) and, against a time-scaled simulator, be in other units than load_s.
+        total_s = _int(final.get("total_duration")) / 1e9
+        if prompt_s or eval_s:
+            service_s = prompt_s + eval_s
+        elif total_s:
+            service_s = max(total_s - load_s, 0.0)
         live = self.backends.get(backend_id)
         if live is None:
             return ReplyFacts(cold, load_s, tokens_per_s)

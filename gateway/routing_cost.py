@@ -262,7 +262,7 @@ def decode_s(view: BackendView, model: str, size_bytes: int | None, costs: CostS
 
 
 def service_s(view: BackendView, model: str, size_bytes: int | None, prompt_tokens: int, costs: CostSettings) -> float:
-    """Wall time of one request of this model here: observed, else prefill + a typical decode."""
+    """Time one request of this model holds a slot here: observed, else prefill + a typical decode."""
     observed = view.observed.get(model)
     if observed is not None and observed.samples > 0 and observed.service_s > 0:
         return observed.service_s

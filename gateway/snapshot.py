@@ -87,7 +87,7 @@ class ObservedStats:
 
     tokens_per_s: float = 0.0  # decode rate from final chunks' eval_count / eval_duration
     load_s: float = 0.0  # cold-load time from load_duration
-    service_s: float = 0.0  # wall time of a whole request
+    service_s: float = 0.0  # time one request holds a slot (prompt eval + decode, as the backend reports)
     samples: int = 0
     # Prompt evaluation rate from final chunks' prompt_eval_count / prompt_eval_duration (0: unknown).
     prefill_tokens_per_s: float = 0.0

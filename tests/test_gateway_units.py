@@ -104,6 +104,29 @@ def test_polled_residency_keeps_what_replies_revealed_until_a_later_poll() -> No
     assert not pool.is_resident("g0", "llama3.1:8b")
 
 
+def test_service_time_is_the_time_a_request_held_a_slot() -> None:
+    # The backend queued this request for 7 s before it got a slot: that wait is not service time,
+    # and wall time (here 20 s through a busy network) is only the fallback for replies without durations.
+    pool = BackendPool(fast_settings())
+    pool.sync_records([BackendRecord(id="g0", url="http://127.0.0.1:1")])
+    final = {
+        "done": True,
+        "total_duration": 10_000_000_000,
+        "load_duration": 7_000_000_000,
+        "prompt_eval_count": 100,
+        "prompt_eval_duration": 500_000_000,
+        "eval_count": 200,
+        "eval_duration": 2_000_000_000,
+    }
+    pool.observe_reply("g0", "llama3.1:8b", final, LoadOptions(), service_s=20.0)
+    assert pool.backends["g0"].observed["llama3.1:8b"].service_s == pytest.approx(2.5)
+    embed = {"model": "nomic-embed-text", "total_duration": 300_000_000, "load_duration": 100_000_000}
+    pool.observe_reply("g0", "nomic-embed-text", embed, LoadOptions(), service_s=20.0)
+    assert pool.backends["g0"].observed["nomic-embed-text"].service_s == pytest.approx(0.2)
+    pool.observe_reply("g0", "other", {"done": True}, LoadOptions(), service_s=20.0)
+    assert pool.backends["g0"].observed["other"].service_s == pytest.approx(20.0)
+
+
 def test_model_facts_from_show_agree_with_the_catalog() -> None:
     spec = find_model("llama3.1:8b")
     assert spec is not None

@@ -1,0 +1,72 @@
+"""Processes the benchmarks start: free ports, waiting for HTTP, `corral gateway` in its own process."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as resp:
+            if resp.status == 200:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout_s}s")
+
+
+@contextlib.contextmanager
+def gateway_process(
+    workdir: Path,
+    backends: list[str],
+    *,
+    policy: str = "residency",
+    queue_size: int = 4096,
+    extra_lines: Sequence[str] = (),
+) -> Iterator[str]:
+    """`corral gateway` in its own process over `backends` (URLs, 64 slots each) and any backend
+    tables in `extra_lines`; yields its URL once its first polls have landed."""
+    port = free_port()
+    config = workdir / "gateway.toml"
+    lines = ["[gateway]", f'listen = "127.0.0.1:{port}"', f'policy = "{policy}"', f"queue_size = {queue_size}"]
+    for url in backends:
+        lines += ["[[gateway.backends]]", f'url = "{url}"', "num_parallel = 64"]
+    lines += extra_lines
+    config.write_text("\n".join(lines) + "\n")
+    log = (workdir / "gateway.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", "gateway", "--config", str(config)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/")
+        # Let the first poll of /api/tags and /api/ps land, so routing sees the resident model.
+        time.sleep(2.0)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
