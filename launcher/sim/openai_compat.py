@@ -15,6 +15,7 @@ import contextlib
 import random
 import struct
 import time
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from aiohttp import web
@@ -68,12 +69,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     chat_id = f"chatcmpl-{random.randrange(999)}"
     stream_options = req.get("stream_options") or {}
     if not req.get("stream"):
-        collected = []
-        async with contextlib.aclosing(started) as chunks:
-            async for item in chunks:
-                if isinstance(item, StreamError):
-                    return openai_error(item.status, item.message)
-                collected.append(item)
+        collected = await _collect(started)
+        if isinstance(collected, web.Response):
+            return collected
         final = merge_chunks(collected, chat=True)
         return json_reply(_chat_completion(chat_id, final))
     sse = SSEStream(request)
@@ -170,12 +168,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
     cmpl_id = f"cmpl-{random.randrange(999)}"
     include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
     if not req.get("stream"):
-        collected = []
-        async with contextlib.aclosing(started) as chunks:
-            async for item in chunks:
-                if isinstance(item, StreamError):
-                    return openai_error(item.status, item.message)
-                collected.append(item)
+        collected = await _collect(started)
+        if isinstance(collected, web.Response):
+            return collected
         final = merge_chunks(collected, chat=False)
         return json_reply(
             {
@@ -291,3 +286,14 @@ async def retrieve_model(request: web.Request) -> web.Response:
     return json_reply(
         {"id": model_id, "object": "model", "created": unix(shown["modified_at"]), "owned_by": _owner(model_id)}
     )
+
+
+async def _collect(chunks: AsyncGenerator[dict[str, Any] | StreamError, None]) -> list[dict[str, Any]] | web.Response:
+    """Every chunk of a non-streamed answer, or the OpenAI-shaped error that cut it short."""
+    collected: list[dict[str, Any]] = []
+    async with contextlib.aclosing(chunks) as items:
+        async for item in items:
+            if isinstance(item, StreamError):
+                return openai_error(item.status, item.message)
+            collected.append(item)
+    return collected
