@@ -21,14 +21,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_http(url: str, timeout_s: float = 30.0) -> None:
+def wait_http(url: str, timeout_s: float = 30.0, *, log: Path | None = None) -> None:
+    """Poll `url` until it answers 200; RuntimeError (with the tail of `log`, if given) otherwise."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as resp:
             if resp.status == 200:
                 return
         time.sleep(0.05)
-    raise RuntimeError(f"{url} did not answer within {timeout_s}s")
+    tail = log.read_text(errors="replace")[-2000:] if log is not None and log.exists() else ""
+    raise RuntimeError(f"{url} did not answer within {timeout_s}s" + (f"; its log ends:\n{tail}" if tail else ""))
 
 
 @contextlib.contextmanager
@@ -58,15 +60,21 @@ def gateway_process(
         start_new_session=True,
     )
     try:
-        wait_http(f"http://127.0.0.1:{port}/")
-        # Let the first poll of /api/tags and /api/ps land, so routing sees the resident model.
-        time.sleep(2.0)
+        # The gateway listens only once its first health checks and polls are done, so an answer
+        # here means routing already sees what is resident.
+        wait_http(f"http://127.0.0.1:{port}/", log=workdir / "gateway.log")
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, signal.SIGTERM, timeout_s=15)
         log.close()
+
+
+def stop(proc: subprocess.Popen[bytes], sig: signal.Signals, timeout_s: float) -> None:
+    """Ask a child to stop with `sig`, then SIGKILL it if it has not exited within `timeout_s`."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -38,7 +38,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import free_port, gateway_process, wait_http  # noqa: E402 - the repo root must be importable first
+from bench.harness import free_port, gateway_process, stop, wait_http  # noqa: E402 - the repo root must be importable first
 from tests.simproc import SimServer  # noqa: E402
 
 MODEL = "qwen2.5:0.5b"
@@ -197,19 +197,13 @@ http {{
 }}
 """
     )
-    proc = subprocess.Popen(
-        [binary, "-p", str(prefix), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    with (prefix / "stderr.log").open("wb") as stderr:
+        proc = subprocess.Popen([binary, "-p", str(prefix), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        wait_http(f"http://127.0.0.1:{port}/")
+        wait_http(f"http://127.0.0.1:{port}/", log=prefix / "error.log")
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.send_signal(signal.SIGQUIT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, signal.SIGQUIT, timeout_s=10)  # SIGQUIT: nginx's graceful shutdown
 
 
 # ---------------------------------------------------------------------------------------------
