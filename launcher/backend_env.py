@@ -70,6 +70,16 @@ def resolve_models_dir(models_dir: str, config_path: str | Path | None) -> Path:
     return Path(os.path.normpath(path))
 
 
+def host_port(host: str, port: int) -> str:
+    """ "host:port" as Ollama's OLLAMA_HOST and URLs want it: an IPv6 address goes in brackets
+    (envconfig.Host() would read "::1:11500" as a host without a port)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def http_url(host: str, port: int) -> str:
+    return f"http://{host_port(host, port)}"
+
+
 def visible_devices(backend: PlannedBackend) -> tuple[str, dict[str, str]]:
     """CUDA_VISIBLE_DEVICES for a backend (strongest card first, as planned), plus what it needs.
 
@@ -128,7 +138,7 @@ def backend_env(
     devices, device_extra = visible_devices(backend)
     env["CUDA_VISIBLE_DEVICES"] = devices
     env.update(device_extra)
-    env["OLLAMA_HOST"] = f"{settings.host}:{backend.port}"
+    env["OLLAMA_HOST"] = host_port(settings.host, backend.port)
     env["OLLAMA_MODELS"] = str(models_dir)
     env["OLLAMA_NUM_PARALLEL"] = str(backend.num_parallel)
     env["OLLAMA_KEEP_ALIVE"] = settings.keep_alive

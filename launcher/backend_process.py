@@ -32,6 +32,7 @@ from typing import IO
 
 import aiohttp
 
+from launcher.backend_env import http_url
 from launcher.childproc import (
     Child,
     OutputRelay,
@@ -110,7 +111,7 @@ class BackendLaunch:
 
     @property
     def url(self) -> str:
-        return f"http://[{self.host}]:{self.port}" if ":" in self.host else f"http://{self.host}:{self.port}"
+        return http_url(self.host, self.port)
 
 
 class BackendStartError(Exception):
@@ -180,7 +181,12 @@ class BackendProcess:
         """
         if self._task is None:
             if self.launch.log_dir:
-                self._log_file = open_log_file(self.launch.log_dir, self.id)
+                try:
+                    self._log_file = open_log_file(self.launch.log_dir, self.id)
+                except OSError as e:
+                    self.last_error = f"cannot open its log file in {self.launch.log_dir}: {e.strerror or e}"
+                    await self._set(State.FAILED)
+                    raise BackendStartError(self.id, self.last_error) from None
                 self._relay.log_file = self._log_file
             self._task = asyncio.create_task(self._own(), name=f"backend-{self.id}")
         settled = asyncio.ensure_future(self._settled.wait())

@@ -78,7 +78,8 @@ def port_in_use(host: str, port: int) -> bool:
     """True when something already listens on host:port (checked by binding it ourselves).
 
     SO_REUSEADDR keeps a socket of a just-stopped backend in TIME_WAIT from counting as "in use";
-    Ollama's Go listener sets it too, so it could bind in that case as well.
+    Ollama's Go listener sets it too, so it could bind in that case as well. Raises SpawnError when
+    nothing could listen there at all (not a local address, a name that does not resolve).
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -90,7 +91,7 @@ def port_in_use(host: str, port: int) -> bool:
                 return True
             if e.errno == errno.EADDRNOTAVAIL:
                 raise SpawnError(f"cannot listen on {host}:{port}: no such local address") from None
-            raise
+            raise SpawnError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     return False
 
 

@@ -24,25 +24,34 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser, with the arguments of `command` only (the one being run): the other modules'
+    arguments are not needed to run it, nor to list the commands."""
     parser = argparse.ArgumentParser(
         prog="corral",
         description="One Ollama endpoint for a rig of GPUs.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="debug logging, every backend's output included"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        module = importlib.import_module(module_name)
-        module.add_arguments(p)
+        if name == command:
+            importlib.import_module(module_name).add_arguments(p)
         p.set_defaults(_module=module_name)
     return parser
 
 
+def _command_in(argv: Sequence[str]) -> str | None:
+    # The first word that names a command; only -v/--verbose, which takes no value, may precede it.
+    return next((arg for arg in argv if arg in COMMANDS), None)
+
+
 def setup_logging(verbosity: int) -> None:
-    level = logging.WARNING - 10 * (verbosity + 1)
+    # INFO by default: backends becoming ready or stopping, the gateway listening.
     logging.basicConfig(
-        level=max(level, logging.DEBUG),
+        level=logging.DEBUG if verbosity else logging.INFO,
         format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
@@ -50,8 +59,8 @@ def setup_logging(verbosity: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_command_in(argv)).parse_args(argv)
     setup_logging(args.verbose)
     module = importlib.import_module(args._module)
     try:

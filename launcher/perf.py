@@ -213,9 +213,10 @@ def split_layers(
     per_layer = _layer_bytes(spec, opts)
     out_bytes = output_layer_bytes(spec)
     usable = [max(0, free - overhead) for _, free in cards]
-    # The output layer comes first on the last card, like llama.cpp places it.
+    # The output layer comes first on the last card, like llama.cpp places it; num_gpu counts it
+    # (the last of the offloaded layers), so num_gpu = 0 keeps even it on the CPU.
     usable[-1] -= out_bytes
-    has_output = usable[-1] >= 0
+    has_output = usable[-1] >= 0 and opts.num_gpu != 0
     if not has_output:
         usable[-1] += out_bytes
     capacity = [max(0, u) // per_layer if per_layer else spec.block_count for u in usable]
@@ -374,8 +375,3 @@ def prefill_s(
         total += flops_per_layer * placement.cpu_layers / 0.5e12
         total += placement.cpu_bytes / (host_mem_bw_gbps * 1e9)
     return total + max(len(placement.shares) - 1, 0) * HOP_S
-
-
-def relative_speed(card: CardSpec, reference_gbps: float = 1000.0) -> float:
-    """Relative decode speed of a card (memory bandwidth against a 1 TB/s reference)."""
-    return card.mem_bw_gbps / reference_gbps

@@ -21,6 +21,7 @@ from launcher.config import load_config
 from launcher.gpus import GpuInfo, inventory_to_json
 from launcher.placement import Plan, PlannedBackend
 from launcher.planner import plan
+from launcher.planner_fit import card_tags
 from launcher.rig import Rig, model_specs, resolve_rig
 
 GIB = 1024**3
@@ -78,17 +79,17 @@ def _card_rows(the_plan: Plan, gpus: Sequence[GpuInfo]) -> list[list[str]]:
     for b in the_plan.backends:
         for pos, uuid in enumerate(b.gpu_uuids):
             by_uuid[uuid] = (b, pos)
-    for gpu in gpus:
+    for gpu, tag in zip(gpus, card_tags(gpus), strict=True):
         free = _gib(gpu.memory_free_bytes)
         if gpu.uuid not in by_uuid:
-            rows.append([f"g{gpu.index} {gpu.name}", f"0.0 / {free} GiB", "-", "-", "(unused)"])
+            rows.append([f"{tag} {gpu.name}", f"0.0 / {free} GiB", "-", "-", "(unused)"])
             continue
         b, pos = by_uuid[gpu.uuid]
         planned = sum(m.card_vram_bytes[pos] if m.card_vram_bytes else 0 for m in b.models)
         kind = "" if str(b.kind) == "single" else f" ({b.kind})"
         rows.append(
             [
-                f"g{gpu.index} {gpu.name}",
+                f"{tag} {gpu.name}",
                 f"{_gib(planned)} / {free} GiB",
                 b.id + kind,
                 str(b.port),

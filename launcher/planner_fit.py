@@ -111,6 +111,20 @@ def gpu_matches(gpu: GpuInfo, ref: str | int) -> bool:
     return gpu.index == int(text) if text.isdigit() else gpu.uuid == text
 
 
+def card_tags(gpus: Sequence[GpuInfo]) -> list[str]:
+    """Each card's short name, as backend ids use it: "g0"; "g0.1" for the second MIG instance of GPU 0."""
+    same_index: dict[int, int] = {}
+    for gpu in gpus:
+        same_index[gpu.index] = same_index.get(gpu.index, 0) + 1
+    seen: dict[int, int] = {}
+    tags = []
+    for gpu in gpus:
+        nth = seen.get(gpu.index, 0)
+        seen[gpu.index] = nth + 1
+        tags.append(f"g{gpu.index}" if same_index[gpu.index] == 1 else f"g{gpu.index}.{nth}")
+    return tags
+
+
 def card_budgets(gpus: Sequence[GpuInfo], settings: LauncherSettings) -> tuple[dict[int, CardBudget], list[str]]:
     """Each card's budget (keyed by position) under `settings.reserve` and `card_reserve_gb`, plus warnings.
 
@@ -126,15 +140,8 @@ def card_budgets(gpus: Sequence[GpuInfo], settings: LauncherSettings) -> tuple[d
             warnings.append(f"launcher.card_reserve_gb.{ref}: no GPU with that index or UUID; ignored")
         for k in hits:
             extra[k] += reserve_gib
-    same_index: dict[int, int] = {}
-    for gpu in gpus:
-        same_index[gpu.index] = same_index.get(gpu.index, 0) + 1
-    seen: dict[int, int] = {}
     budgets = {}
-    for k, gpu in enumerate(gpus):
-        nth = seen.get(gpu.index, 0)
-        seen[gpu.index] = nth + 1
-        tag = f"g{gpu.index}" if same_index[gpu.index] == 1 else f"g{gpu.index}.{nth}"
+    for k, (gpu, tag) in enumerate(zip(gpus, card_tags(gpus), strict=True)):
         notes = []
         reserve = 0
         if settings.reserve == "compute-tier":

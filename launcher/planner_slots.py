@@ -183,14 +183,12 @@ class SlotRanker:
             cpu = next((pos for pos, d in enumerate(drafts) if not d.gpus), None)
             yield Slot((), BackendKind.CPU, cpu, "CPU")
 
-    def first_copy(
-        self, req: ModelRequest, drafts: Sequence[Draft], *, offload: bool, cpu_alone: bool = True
-    ) -> Iterator[Slot]:
+    def first_copy(self, req: ModelRequest, drafts: Sequence[Draft], *, offload: bool) -> Iterator[Slot]:
         """Every kind of slot, best first: single cards, splits, then (when allowed) CPU offload."""
         yield from self.single(req, drafts)
         yield from self.split(req, drafts)
         if offload and self.settings.allow_cpu_offload and req.name not in self.pins:
-            yield from self.offload(drafts, cpu_alone=cpu_alone)
+            yield from self.offload(drafts)
 
     def replica(self, req: ModelRequest, drafts: Sequence[Draft]) -> Iterator[Slot]:
         """Further copies go where the first one went: single cards, or new split groups. Offloaded

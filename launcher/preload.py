@@ -33,7 +33,7 @@ PULL_CONCURRENCY = 3
 # A pull or load that makes no progress for this long is dead; a slow one is fine (a 40 GB model
 # from a network disk takes minutes). Ollama's own stall timeout for loads is 5 minutes.
 STALL_TIMEOUT_S = 300.0
-_CONTROL_TIMEOUT = aiohttp.ClientTimeout(total=30.0)
+CONTROL_TIMEOUT_S = 30.0  # a listing or a /api/show answers at once
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ async def _error_text(resp: aiohttp.ClientResponse) -> str:
 
 async def installed_models(session: aiohttp.ClientSession, url: str) -> set[str]:
     """Normalized names of the models in the backend's store (GET /api/tags)."""
-    async with session.get(url + "/api/tags", timeout=_CONTROL_TIMEOUT) as resp:
+    async with session.get(url + "/api/tags", timeout=aiohttp.ClientTimeout(total=CONTROL_TIMEOUT_S)) as resp:
         if resp.status != 200:
             raise RuntimeError(await _error_text(resp))
         body = await resp.json(content_type=None)
@@ -180,7 +180,9 @@ async def pull(session: aiohttp.ClientSession, url: str, model: str, progress: P
 async def _capabilities(session: aiohttp.ClientSession, url: str, model: str) -> set[str]:
     """The model's capabilities from /api/show; the catalog answers when the backend cannot."""
     try:
-        async with session.post(url + "/api/show", json={"model": model}, timeout=_CONTROL_TIMEOUT) as resp:
+        async with session.post(
+            url + "/api/show", json={"model": model}, timeout=aiohttp.ClientTimeout(total=CONTROL_TIMEOUT_S)
+        ) as resp:
             if resp.status == 200:
                 body = await resp.json(content_type=None)
                 caps = body.get("capabilities")
@@ -214,11 +216,14 @@ async def load(session: aiohttp.ClientSession, url: str, planned: PlannedModel, 
         await resp.read()
 
 
-def _failure(exc: BaseException) -> str:
+def _failure(exc: BaseException, timeout_s: float) -> str:
+    """The error text for a failed request. `timeout_s`: the limit it ran under. aiohttp's read
+    timeouts are connection errors too, so timeouts are told apart first: a backend that stops
+    answering in the middle of a load is stuck, not unreachable."""
+    if isinstance(exc, TimeoutError):
+        return f"no answer for {timeout_s:g}s"
     if isinstance(exc, aiohttp.ClientConnectionError):
         return f"backend unreachable ({exc})"
-    if isinstance(exc, TimeoutError):
-        return f"no progress for {STALL_TIMEOUT_S:.0f}s"
     return str(exc) or type(exc).__name__
 
 
@@ -248,7 +253,7 @@ async def preload(
             try:
                 await load(session, target.url, planned, keep_alive_json(keep_alive_for(planned.name)))
             except (aiohttp.ClientError, TimeoutError, RuntimeError, ValueError) as e:
-                result = PreloadResult(target.backend_id, planned.name, False, error=_failure(e))
+                result = PreloadResult(target.backend_id, planned.name, False, error=_failure(e, STALL_TIMEOUT_S))
             else:
                 result = PreloadResult(target.backend_id, planned.name, True, seconds=time.monotonic() - began)
             progress.line(f"  {result.describe()}")
@@ -277,8 +282,8 @@ async def _pull_missing(
             try:
                 await pull(session, url, model, progress)
             except (aiohttp.ClientError, TimeoutError, RuntimeError, ValueError) as e:
-                errors[normalize_name(model)] = f"pull failed: {_failure(e)}"
-                progress.line(f"  pull of {model} failed: {_failure(e)}")
+                errors[normalize_name(model)] = f"pull failed: {_failure(e, STALL_TIMEOUT_S)}"
+                progress.line(f"  pull of {model} failed: {_failure(e, STALL_TIMEOUT_S)}")
             else:
                 progress.line(f"  pulled {model} in {time.monotonic() - began:.1f}s")
 
@@ -293,7 +298,7 @@ async def _pull_missing(
             installed = await installed_models(session, via.url)
         except (aiohttp.ClientError, TimeoutError, RuntimeError, ValueError) as e:
             for name in wanted:
-                errors[name] = f"cannot list installed models on {via.backend_id}: {_failure(e)}"
+                errors[name] = f"cannot list installed models on {via.backend_id}: {_failure(e, CONTROL_TIMEOUT_S)}"
             continue
         jobs.extend(pull_one(via.url, model) for name, model in wanted.items() if name not in installed)
     await asyncio.gather(*jobs)

@@ -10,6 +10,7 @@ A gateway that is not running is one line on stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import sys
@@ -56,14 +57,17 @@ class StatusError(Exception):
 
 
 def fetch_status(url: str, api_key: str | None, timeout_s: float = TIMEOUT_S) -> dict[str, Any]:
-    request = urllib.request.Request(url + STATUS_PATH, headers={"Accept": "application/json"})
+    try:
+        request = urllib.request.Request(url + STATUS_PATH, headers={"Accept": "application/json"})
+    except ValueError as e:
+        raise StatusError(f"{url} is not a valid URL ({e})") from None
     if api_key:
         request.add_header("Authorization", f"Bearer {api_key}")
     # The gateway is usually on loopback: an HTTP(S)_PROXY from the environment must not catch it.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         with opener.open(request, timeout=timeout_s) as resp:
-            body = json.loads(resp.read())
+            raw = resp.read()
     except urllib.error.HTTPError as e:
         detail = _error_text(e)
         if e.code in (401, 403):
@@ -76,6 +80,12 @@ def fetch_status(url: str, api_key: str | None, timeout_s: float = TIMEOUT_S) ->
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise StatusError(f"no corral gateway at {url} ({reason}); is `corral up` running?") from None
+    except http.client.InvalidURL as e:
+        raise StatusError(f"{url} is not a valid URL ({e})") from None
+    except http.client.HTTPException as e:  # something listens there, but it does not speak HTTP
+        raise StatusError(f"{url} did not answer HTTP ({e!r}): is it a corral gateway?") from None
+    try:
+        body = json.loads(raw)
     except ValueError:
         raise StatusError(f"{url}{STATUS_PATH} did not answer JSON: is it a corral gateway?") from None
     if not isinstance(body, dict):

@@ -29,6 +29,7 @@ import aiohttp
 
 from gateway.record import BackendRecord, BackendState
 from gateway.state import StateStore
+from launcher.backend_env import http_url
 from launcher.backend_process import (
     BackendLaunch,
     BackendProcess,
@@ -132,10 +133,6 @@ def context_length_of(env: Mapping[str, str]) -> int:
     """OLLAMA_CONTEXT_LENGTH as the backend reads it (Ollama trims spaces and quotes); 0 when unset."""
     text = env.get("OLLAMA_CONTEXT_LENGTH", "").strip().strip("'\"")
     return int(text) if text.isdigit() else 0
-
-
-def http_url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 RestartHook = Callable[[BackendProcess], Coroutine[Any, Any, None]]

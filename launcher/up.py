@@ -7,8 +7,10 @@ drain the gateway (up to [gateway] drain_timeout_s) -> stop every backend (SIGTE
 after stop_timeout_s) -> exit 0.
 
 Exit status: 0 after a signal-initiated shutdown (also during startup), 1 when the plan has errors,
-a backend cannot start, the gateway cannot listen, or (with --strict) a model cannot be preloaded;
-2 for a config error (one line, from launcher.cli). Progress goes to stdout; logs to stderr.
+a backend cannot start, the gateway cannot listen, the shared state store does not answer, or (with
+--strict) a model cannot be preloaded; 2 for a config error (one line, from launcher.cli). What can
+be checked before anything starts is checked first (the gateway's address, the store). Progress
+goes to stdout; logs to stderr.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from gateway.auth import check_listen_allowed, load_keys
 from gateway.config import GatewaySettings
-from gateway.state import MemoryStore, StateStore
+from gateway.state import StateStore, open_store
 from gateway.strictconf import ConfigError
 from launcher.backend_env import backend_env, check_env_overrides, resolve_models_dir
 from launcher.catalog import normalize_name
-from launcher.childproc import port_in_use
+from launcher.childproc import SpawnError, port_in_use
 from launcher.config import CorralConfig, load_config
 from launcher.inventory import GpuPublisher, Refresh, nvml_refresh, sim_refresh
 from launcher.placement import Plan
@@ -47,6 +50,7 @@ T = TypeVar("T")
 # Records in a shared store (Redis) expire this long after the launcher stops heartbeating them,
 # so a launcher that died takes its backends out of every gateway's routing.
 SHARED_RECORD_TTL_S = 15.0
+STORE_PING_TIMEOUT_S = 10.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -177,13 +181,29 @@ def build_launches(
     return launches
 
 
-def make_store(settings: GatewaySettings) -> tuple[StateStore, float | None]:
-    """The state store the supervisor publishes to and the gateway reads, and the record TTL."""
-    if settings.state == "redis":
-        from gateway.redis_store import RedisStore
+class StoreUnreachable(Exception):
+    """The shared state store does not answer; `str()` is the line to print."""
 
-        return RedisStore.from_url(settings.redis_url), SHARED_RECORD_TTL_S
-    return MemoryStore(), None
+
+async def open_shared_store(settings: GatewaySettings) -> tuple[StateStore, float | None]:
+    """The state store the supervisor publishes to and the gateway reads, and the record TTL.
+
+    A shared store (Redis) is pinged first, so an unreachable one is one clear line before
+    anything starts, not a traceback from the first record published. Raises StoreUnreachable.
+    """
+    store = open_store(settings.state, settings.redis_url)
+    ping = getattr(store, "ping", None)
+    if ping is None:
+        return store, None
+    try:
+        await asyncio.wait_for(ping(), STORE_PING_TIMEOUT_S)
+    except BaseException as e:
+        await store.close()
+        if not isinstance(e, Exception):
+            raise  # cancelled: a stop signal came first
+        reason = str(e) or f"no answer within {STORE_PING_TIMEOUT_S:g}s"
+        raise StoreUnreachable(f"cannot reach the state store at {settings.redis_url}: {reason}") from None
+    return store, SHARED_RECORD_TTL_S
 
 
 def ready_lines(url: str, plan: Plan, proxy_host: str) -> list[str]:
@@ -224,21 +244,27 @@ async def _up_until_stopped(cfg: CorralConfig, opts: UpOptions, out: ProgressPri
         for error in the_plan.errors or ("no backend to start: [[models]] is empty",):
             print(f"corral up: {error}", file=sys.stderr)
         return 1
-    if port_in_use(opts.listen_host, opts.listen_port):
-        print(
-            f"corral up: the gateway cannot listen on {opts.listen_host}:{opts.listen_port}: already in use "
-            "(a local `ollama serve` uses 11434 too); set [gateway].listen or pass --listen",
-            file=sys.stderr,
-        )
+    refusal = _gateway_refusal(cfg, opts, the_plan)
+    if refusal:
+        print(f"corral up: {refusal}", file=sys.stderr)
         return 1
     models_dir = resolve_models_dir(cfg.launcher.models_dir, cfg.source)
-    models_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        store, ttl_s = await stopper.until_stopped(open_shared_store(cfg.gateway))
+    except StoreUnreachable as e:
+        print(f"corral up: {e}", file=sys.stderr)
+        return 1
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        await store.close()
+        print(f"corral up: cannot create the model store {models_dir}: {e.strerror or e}", file=sys.stderr)
+        return 1
     sim = rig.mode == "sim"
     launches = build_launches(
         the_plan, cfg, tuple(rig.ollama_bin), models_dir=models_dir, sim=sim, speed=opts.speed if sim else None
     )
     host_name = socket.gethostname()
-    store, ttl_s = make_store(cfg.gateway)
     keep_alive = {normalize_name(m.name): m.keep_alive for m in cfg.models if m.keep_alive is not None}
 
     def keep_alive_for(model: str) -> str:
@@ -297,6 +323,30 @@ async def _up_until_stopped(cfg: CorralConfig, opts: UpOptions, out: ProgressPri
     finally:
         await session.close()
         await store.close()
+
+
+def _gateway_refusal(cfg: CorralConfig, opts: UpOptions, plan: Plan) -> str:
+    """Why the gateway could not serve at the end of startup, found before anything starts ("" if
+    nothing is wrong): so a pull of many gigabytes is not wasted on a rig that cannot open its door.
+    Raises ConfigError (exit 2) for an open non-loopback address without API keys."""
+    check_listen_allowed(opts.listen_host, load_keys(cfg.gateway, os.environ))
+    where = f"{opts.listen_host}:{opts.listen_port}"
+    taken_by = next((b.id for b in plan.backends if opts.listen_port and b.port == opts.listen_port), "")
+    if taken_by:
+        return (
+            f"backend {taken_by} is planned on port {opts.listen_port}, where the gateway listens ({where}); "
+            "move [launcher].base_port or [gateway].listen"
+        )
+    try:
+        busy = port_in_use(opts.listen_host, opts.listen_port)
+    except SpawnError as e:
+        return f"the gateway {e}; set [gateway].listen or pass --listen"
+    if busy:
+        return (
+            f"the gateway cannot listen on {where}: already in use "
+            "(a local `ollama serve` uses 11434 too); set [gateway].listen or pass --listen"
+        )
+    return ""
 
 
 def _refresh_for(sim: bool, session: aiohttp.ClientSession, urls: list[str], rig: Rig) -> Refresh:

@@ -123,6 +123,17 @@ def test_num_gpu_caps_layers_on_gpu() -> None:
     assert placement.cpu_layers == spec.block_count + 1 - 10
 
 
+@pytest.mark.parametrize("num_gpu", [0, 1])
+def test_num_gpu_counts_the_output_layer_and_zero_means_cpu_only(num_gpu: int) -> None:
+    spec = _spec("llama3.1:8b")
+    opts = LoadOptions(num_ctx=2048, num_gpu=num_gpu)
+    placement = perf.split_layers(spec, opts, _cards("RTX 4090"), allow_cpu=True)
+    assert placement is not None
+    assert placement.gpu_layers == num_gpu
+    assert placement.cpu_layers == spec.block_count + 1 - num_gpu
+    assert (placement.vram_bytes > 0) == (num_gpu > 0)  # `-ngl 0` leaves the card untouched
+
+
 def test_batched_decode_shares_the_weight_read() -> None:
     spec = _spec("llama3.1:8b")
     placement = perf.split_layers(spec, LoadOptions(num_ctx=4096, num_parallel=4), _cards("RTX 4090"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
@@ -13,9 +14,12 @@ from pathlib import Path
 import pytest
 
 from gateway.strictconf import ConfigError
-from launcher.config import CorralConfig, SimGpu, load_config
+from launcher.catalog import find_model
+from launcher.config import CorralConfig, LauncherSettings, ModelEntry, SimGpu, load_config
 from launcher.gpus import GpuInfo, NvmlUnavailable, simulated_inventory
-from launcher.rig import model_specs, resolve_rig, sim_argv
+from launcher.plan_cmd import print_plan
+from launcher.planner import ModelRequest, plan
+from launcher.rig import Rig, model_specs, resolve_rig, sim_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 SIM_RIG = "[sim]\n[[sim.gpus]]\nname = 'RTX 4090'\n[[sim.gpus]]\nname = 'RTX 4090'\n"
@@ -201,3 +205,22 @@ def test_the_operators_cuda_visible_devices_limits_the_rig(tmp_path: Path, monke
     rig = resolve_rig(_cfg(tmp_path), which=lambda name: f"/opt/{name}")
     assert rig.mode == "real"
     assert [g.index for g in rig.gpus] == [1]
+
+
+def test_the_card_table_names_mig_instances_as_their_backends_do() -> None:
+    (whole,) = simulated_inventory([SimGpu(name="A100 80GB")])
+    half = 40 * 1024**3
+    instances = [
+        replace(whole, uuid=f"MIG-{n}", memory_total_bytes=half, memory_free_bytes=half, mig_parent_uuid=whole.uuid)
+        for n in range(2)
+    ]
+    spec = find_model("llama3.1:8b")
+    assert spec is not None
+    the_plan = plan(instances, [ModelRequest(ModelEntry("llama3.1:8b", num_ctx=8192), spec)], LauncherSettings())
+    out = io.StringIO()
+    print_plan(the_plan, Rig(instances, "sim", [], "2 MIG instances"), out)
+    lines = out.getvalue().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["CARD"])
+    rows = [line.split() for line in lines[header + 1 : lines.index("", header)]]
+    # CARD (tag, name), PLANNED / FREE, BACKEND, PORT, MODELS
+    assert [(row[0], row[-3]) for row in rows] == [("g0.0", "g0.0"), ("g0.1", "g0.1")]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -338,10 +341,36 @@ def test_the_example_config_gives_a_sensible_plan() -> None:
     _assert_within_free(p, cards)
 
 
+_DETERMINISM_RIG = ("RTX 4090", "RTX 3090", "RTX 4090", "A6000")
+_DETERMINISM_MODELS = (
+    ModelEntry("llama3.1:8b", hot=True),
+    ModelEntry("qwen2.5:14b"),
+    ModelEntry("llama3.3:70b", num_ctx=8192),
+    ModelEntry("nomic-embed-text"),
+)
+
+
 def test_the_same_input_gives_the_same_plan() -> None:
-    cards = _rig("RTX 4090", "RTX 3090", "RTX 4090", "A6000")
-    entries = (ModelEntry("llama3.1:8b", hot=True), ModelEntry("qwen2.5:14b"), ModelEntry("llama3.3:70b", num_ctx=8192))
-    assert _plan(cards, *entries) == _plan(cards, *entries)
+    cards = _rig(*_DETERMINISM_RIG)
+    assert _plan(cards, *_DETERMINISM_MODELS) == _plan(cards, *_DETERMINISM_MODELS)
+    # Also across processes: set and dict orders of strings change with the hash seed.
+    script = (
+        "from tests.test_planner import _DETERMINISM_MODELS, _DETERMINISM_RIG, _plan, _rig; "
+        "print(repr(_plan(_rig(*_DETERMINISM_RIG), *_DETERMINISM_MODELS)))"
+    )
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            timeout=60,
+            check=True,
+        ).stdout
+        for seed in ("1", "2")
+    }
+    assert outputs == {repr(_plan(cards, *_DETERMINISM_MODELS)) + "\n"}
 
 
 def test_mig_instances_of_one_card_are_told_apart() -> None:

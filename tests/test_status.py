@@ -9,6 +9,8 @@ import argparse
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from aiohttp.test_utils import TestServer
 from launcher import status_cmd
 from launcher.cli import main
 
+ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_700_000_000.0
 GIB = 1024**3
 
@@ -145,3 +148,46 @@ def test_url_defaults_to_the_configs_listen_address(tmp_path: Path, monkeypatch:
     assert status_cmd.gateway_url(args) == "http://gw.example:80"
     monkeypatch.chdir(tmp_path)  # no config.toml here: Ollama's usual address
     assert status_cmd.gateway_url(argparse.Namespace(url=None, config="config.toml")) == "http://127.0.0.1:11434"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://[bad", "corral status: http://[bad is not a valid URL (Invalid IPv6 URL)"),
+        ("http://127.0.0.1:12x", "corral status: http://127.0.0.1:12x is not a valid URL (nonnumeric port: '12x')"),
+    ],
+)
+def test_a_malformed_url_is_one_line_and_exit_1(url: str, expected: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--url", url]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [expected]
+
+
+async def test_a_server_that_does_not_speak_http_is_one_line_and_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
+    async def not_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(not_http, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        assert await run_status("--url", f"127.0.0.1:{port}") == 1
+    finally:
+        server.close()
+        await server.wait_closed()
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith(f"corral status: http://127.0.0.1:{port} did not answer HTTP (")
+    assert err.endswith("is it a corral gateway?")
+
+
+def test_corral_status_loads_only_its_own_command() -> None:
+    # `corral status` is what people run in a loop: it must not pay for (or break on) importing
+    # the launcher, the gateway and their dependencies.
+    script = (
+        "import sys; from launcher.cli import main; main(['status', '--url', 'http://127.0.0.1:1']); "
+        "print(sorted(m for m in ('launcher.up', 'launcher.plan_cmd', 'gateway.cli', 'aiohttp') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+    assert "no corral gateway at http://127.0.0.1:1" in proc.stderr

@@ -164,6 +164,16 @@ def test_env_default_context_is_the_planned_one_so_plain_requests_find_the_prelo
     assert backend_env(empty, configured, models_dir=tmp_path, base_env={})["OLLAMA_CONTEXT_LENGTH"] == "16384"
 
 
+def test_env_an_ipv6_host_is_bracketed_as_ollama_reads_it(tmp_path: Path) -> None:
+    from launcher.sim.env import parse_ollama_host  # the simulator splits OLLAMA_HOST as envconfig.Host() does
+
+    env = backend_env(planned(port=11500), LauncherSettings(host="::1"), models_dir=tmp_path, base_env={})
+    assert env["OLLAMA_HOST"] == "[::1]:11500"
+    assert parse_ollama_host(env["OLLAMA_HOST"])[1:3] == ("::1", 11500)
+    on_ipv6 = BackendLaunch(planned(port=11500), ("ollama", "serve"), env, host="::1")
+    assert on_ipv6.url == "http://[::1]:11500"
+
+
 def test_env_overrides_may_tune_but_not_rewire_a_backend() -> None:
     check_env_overrides(LauncherSettings(env={"OLLAMA_FLASH_ATTENTION": "0", "HTTPS_PROXY": "http://proxy:3128"}))
     with pytest.raises(ConfigError, match=r"launcher\.env\.CUDA_VISIBLE_DEVICES"):
@@ -359,6 +369,46 @@ async def test_port_in_use_names_the_backend_and_the_port() -> None:
             (failure,) = await sup.start_all()
     assert str(failure).startswith("backend g3: port ")
     assert f"port {port} on 127.0.0.1 is already in use" in str(failure)
+
+
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [("nosuch.invalid", "cannot listen on nosuch.invalid:"), ("192.0.2.1", "no such local address")],
+)
+async def test_a_host_nothing_can_listen_on_is_a_start_failure_not_a_crash(host: str, reason: str) -> None:
+    backend = planned("g1")
+    bad = BackendLaunch(backend, (sys.executable, MISBEHAVE, "serve"), dict(os.environ), host=host)
+    async with Supervisor([bad, launch(planned("g0"))], FAST) as sup:
+        (failure,) = await sup.start_all()
+        assert str(failure).startswith("backend g1: cannot listen on ") and reason in str(failure)
+        assert sup["g1"].state == State.FAILED and sup["g0"].state == State.READY
+
+
+async def test_a_log_dir_that_cannot_be_made_fails_the_backend_with_the_reason(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    log_dir = str(tmp_path / "a-file" / "logs")
+    async with Supervisor([launch(planned("g0"), log_dir=log_dir)], FAST) as sup:
+        (failure,) = await sup.start_all()
+        assert str(failure) == f"backend g0: cannot open its log file in {log_dir}: Not a directory"
+        assert sup["g0"].state == State.FAILED and sup["g0"].pid is None
+
+
+async def test_records_in_a_shared_store_are_heartbeated_then_withdrawn() -> None:
+    # A record with a TTL (Redis) must be refreshed while the backend runs, or every gateway would
+    # drop it after the TTL; each refresh carries a new updated_at.
+    store = MemoryStore()
+    async with Supervisor([launch(planned())], FAST, store=store, record_ttl_s=0.3) as sup:
+        assert await sup.start_all() == []
+        (first,) = await store.list_backends()
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            records = await store.list_backends()
+            if records and records[0].updated_at > first.updated_at:
+                break
+            assert time.monotonic() < deadline, "the record was never refreshed"
+            await asyncio.sleep(0.05)
+        assert records[0].state == BackendState.READY
+    assert await store.list_backends() == []
 
 
 async def test_missing_binary_is_a_clear_message() -> None:

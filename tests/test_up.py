@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from launcher import preload as preload_module
 from launcher import up
 from launcher.cli import main
 from launcher.placement import PlannedModel
@@ -40,7 +41,9 @@ class FakeOllama:
     embedding: set[str] = field(default_factory=set)
     pull_error: dict[str, str] = field(default_factory=dict)
     load_error: dict[str, str] = field(default_factory=dict)
+    load_stuck: set[str] = field(default_factory=set)  # loads that never answer until `release` is set
     received: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -83,6 +86,8 @@ class FakeOllama:
         self.received.append(("generate", body))
         if body["model"] in self.load_error:
             return web.json_response({"error": self.load_error[body["model"]]}, status=500)
+        if body["model"] in self.load_stuck:
+            await self.release.wait()
         return web.json_response({"model": body["model"], "response": "", "done": True, "done_reason": "load"})
 
     async def embed(self, request: web.Request) -> web.Response:
@@ -170,6 +175,22 @@ async def test_preload_failures_name_backend_model_and_error_and_do_not_stop_the
     )
     assert not by_model["qwen2.5:7b"].ok and "out of memory" in by_model["qwen2.5:7b"].error
     assert by_model["llama3.2:1b"].ok
+
+
+async def test_a_stuck_load_is_reported_as_stuck_not_as_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(preload_module, "STALL_TIMEOUT_S", 0.2)
+    fake = FakeOllama(installed={"qwen2.5:7b"}, load_stuck={"qwen2.5:7b"})
+    server = await serve(fake)
+    targets = [PreloadTarget("g1", url_of(server), "s", (model("qwen2.5:7b"),))]
+    try:
+        async with aiohttp.ClientSession() as session:
+            (result,) = await preload(
+                session, targets, keep_alive_for=lambda m: "5m", progress=ProgressPrinter(io.StringIO(), tty=False)
+            )
+    finally:
+        fake.release.set()
+        await server.close()
+    assert result.describe() == "g1: qwen2.5:7b not preloaded: no answer for 0.2s"
 
 
 async def test_preload_reports_an_unreachable_backend() -> None:
@@ -436,6 +457,50 @@ def test_a_busy_gateway_port_is_refused_before_any_backend_starts(
         assert main(["up", "--config", str(config), "--listen", f"127.0.0.1:{port}"]) == 1
     err = capsys.readouterr().err
     assert f"the gateway cannot listen on 127.0.0.1:{port}: already in use" in err
+
+
+@pytest.mark.parametrize(
+    ("edit", "flags", "code", "expected"),
+    [
+        # 192.0.2.1 is TEST-NET-1: never an address of this machine.
+        ("", ["--listen", "192.0.2.1:11434"], 1, "the gateway cannot listen on 192.0.2.1:11434: no such local address"),
+        ("", ["--listen", "nosuch.invalid:11434"], 1, "the gateway cannot listen on nosuch.invalid:11434: "),
+        ("", ["--listen", "0.0.0.0:0"], 2, "gateway.listen: refusing to listen on non-loopback address '0.0.0.0'"),
+        ("base_port = GATEWAY_PORT", [], 1, "backend g0 is planned on port GATEWAY_PORT, where the gateway listens"),
+        ('state = "redis"\nredis_url = "redis://127.0.0.1:1/0"', [], 1, "cannot reach the state store at redis://"),
+        ("models_dir = 'FILE/models'", [], 1, "cannot create the model store FILE/models: Not a directory"),
+    ],
+    ids=["not-local", "no-such-name", "open-without-keys", "port-clash", "redis-down", "bad-store"],
+)
+def test_what_would_fail_later_is_refused_before_anything_starts(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    edit: str,
+    flags: list[str],
+    code: int,
+    expected: str,
+) -> None:
+    if "0.0.0.0:0" in flags:
+        monkeypatch.delenv("CORRAL_API_KEYS", raising=False)
+    else:  # keys: a non-loopback gateway address is allowed, so the address itself is what fails
+        monkeypatch.setenv("CORRAL_API_KEYS", "sk-test")
+    config, url = rig_config(tmp_path)
+    gateway_port = url.rsplit(":", 1)[1]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    edit = edit.replace("GATEWAY_PORT", gateway_port).replace("FILE", str(a_file))
+    expected = expected.replace("GATEWAY_PORT", gateway_port).replace("FILE", str(a_file))
+    text = config.read_text()
+    if edit.startswith(("base_port", "models_dir")):
+        text = re.sub(rf"(?m)^{edit.split(' ')[0]} = .*$", edit, text, count=1)
+    elif edit:
+        text = text.replace("[gateway]\n", f"[gateway]\n{edit}\n", 1)
+    config.write_text(text)
+    assert main(["up", "--config", str(config), *flags]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / "models").exists()  # nothing started
 
 
 async def test_strict_makes_a_failed_preload_fatal(capsys: pytest.CaptureFixture[str]) -> None:
