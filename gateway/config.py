@@ -23,6 +23,13 @@ def _check_url(value: str) -> str | None:
     return None
 
 
+def _check_redis_url(value: str) -> str | None:
+    # The schemes redis-py's from_url accepts; anything else would fail only when the gateway starts.
+    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        return "must be a redis://, rediss:// or unix:// URL"
+    return None
+
+
 def _check_listen(value: str) -> str | None:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -82,7 +89,7 @@ class GatewaySettings:
     # Browser origins allowed besides Ollama's own list (localhost, app://, file://, ...); "*" = any.
     cors_origins: tuple[str, ...] = ()
     state: Literal["memory", "redis"] = "memory"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", metadata={"check": _check_redis_url})
     backends: tuple[StaticBackend, ...] = ()
 
     def validate(self, path: str) -> None:

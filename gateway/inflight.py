@@ -1,10 +1,13 @@
 """In-flight accounting: requests sent to a backend and not finished, per (backend, model).
 
 The count lives in the state store (atomic counters shared by every gateway of the fleet) and is
-mirrored in the pool for the router. The mirror moves first, synchronously, so the next decision
-already sees a request even before the store answers; the store's reply then sets the fleet-wide
-value. Store calls are shielded and the decrement runs as its own task, so a client hanging up at
-any point (which cancels the handler) can neither leak nor double-count a request.
+mirrored in the pool for the router. The mirror moves by one, synchronously, so the next decision
+already sees a request even before the store answers; the poller replaces it with the store's
+fleet-wide sums every poll. The store's own replies are not copied into the mirror: a shared store
+answers an increment with this gateway's count alone, which would hide other gateways' requests.
+Store calls are shielded and the decrement runs as its own task, so a client hanging up at any
+point (which cancels the handler) can neither leak nor double-count a request; an increment the
+store refused is not decremented there either.
 """
 
 from __future__ import annotations
@@ -45,22 +48,23 @@ class InFlight:
             task.add_done_callback(self._pending.discard)
             self._on_release(backend_id, model)
 
-    async def _incr(self, backend_id: str, model: str) -> None:
+    async def _incr(self, backend_id: str, model: str) -> bool:
+        """Count the request in the store; False when the store refused (the mirror still counts)."""
         try:
-            count = await self._store.incr_in_flight(backend_id, model)
-        except Exception as e:  # the local mirror still counts; routing goes on
+            await self._store.incr_in_flight(backend_id, model)
+        except Exception as e:  # routing goes on with the local mirror
             log.warning("<%s> in-flight increment failed: %s", backend_id, e)
-            return
-        self._pool.set_in_flight(backend_id, model, count)
+            return False
+        return True
 
-    async def _decr_after(self, incr: asyncio.Future[None], backend_id: str, model: str) -> None:
+    async def _decr_after(self, incr: asyncio.Future[bool], backend_id: str, model: str) -> None:
         await asyncio.wait([incr])
+        if incr.cancelled() or incr.exception() is not None or not incr.result():
+            return  # never counted there: a decrement would eat another request's count
         try:
-            count = await self._store.decr_in_flight(backend_id, model)
+            await self._store.decr_in_flight(backend_id, model)
         except Exception as e:
             log.warning("<%s> in-flight decrement failed: %s", backend_id, e)
-            return
-        self._pool.set_in_flight(backend_id, model, count)
 
     async def settle(self) -> None:
         """Wait for pending decrements (at shutdown, so the store is left balanced)."""

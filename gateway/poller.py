@@ -20,9 +20,8 @@ import aiohttp
 from gateway.config import GatewaySettings
 from gateway.metrics import Metrics
 from gateway.modelfacts import facts_from_catalog, facts_from_show
-from gateway.pool import BackendPool
+from gateway.pool import BackendPool, row_model_name
 from gateway.state import StateStore
-from launcher.catalog import normalize_name
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +201,7 @@ class Poller:
             return
         now = time.time()
         for tag in live.tags:
-            name = _normalized(tag)
+            name = row_model_name(tag)
             if not name or name in self.pool.facts or name in self._facts_pending:
                 continue
             raw_size = tag.get("size")
@@ -237,11 +236,6 @@ class Poller:
 def _models(body: Any) -> list[dict[str, Any]]:
     models = body.get("models") if isinstance(body, dict) else None
     return [m for m in models if isinstance(m, dict)] if isinstance(models, list) else []
-
-
-def _normalized(tag: dict[str, Any]) -> str:
-    raw = str(tag.get("model") or tag.get("name") or "")
-    return normalize_name(raw) if raw else ""
 
 
 def _describe(error: BaseException) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 
 from gateway.config import GatewaySettings
 from gateway.record import BackendRecord
+from gateway.routing_cost import loaded_num_ctx
 from gateway.snapshot import BackendView, LoadOptions, ModelFacts, ObservedStats, ResidentModel, Snapshot
 from launcher.catalog import normalize_name
 
@@ -38,6 +39,12 @@ def parse_timestamp(value: object) -> float | None:
         return datetime.fromisoformat(value).timestamp()
     except ValueError:
         return None
+
+
+def row_model_name(row: Mapping[str, Any]) -> str:
+    """The normalized model name of an /api/tags or /api/ps row; "" when it names none."""
+    raw = str(row.get("model") or row.get("name") or "").strip()
+    return normalize_name(raw) if raw else ""
 
 
 def _int(value: object) -> int:
@@ -202,8 +209,7 @@ class BackendPool:
         if live is None:
             return
         live.tags = [m for m in models if isinstance(m, dict)]
-        names = (str(m.get("model") or m.get("name") or "") for m in live.tags)
-        live.installed = frozenset(normalize_name(n) for n in names if n)
+        live.installed = frozenset(name for name in map(row_model_name, live.tags) if name)
         live.inventory_known = True
 
     def apply_ps(self, backend_id: str, models: list[dict[str, Any]], poll_started_at: float) -> None:
@@ -215,8 +221,8 @@ class BackendPool:
         for m in models:
             if not isinstance(m, dict):
                 continue
-            name = normalize_name(str(m.get("model") or m.get("name") or ""))
-            if name == ":latest":
+            name = row_model_name(m)
+            if not name:
                 continue
             previous = live.resident.get(name) or live.seen_resident.get(name, (None, 0.0))[0]
             resident[name] = ResidentModel(
@@ -236,18 +242,17 @@ class BackendPool:
 
     # -- what requests reveal --------------------------------------------------------------------
 
-    def set_in_flight(self, backend_id: str, model: str, count: int) -> None:
+    def bump_in_flight(self, backend_id: str, model: str, delta: int) -> None:
+        """Adjust this gateway's view at once, before the shared counter answers, so a decision made
+        in the meantime already sees the request. The next `replace_in_flight` sets the fleet's sums."""
         per_model = self.in_flight.setdefault(backend_id, {})
+        count = per_model.get(model, 0) + delta
         if count > 0:
             per_model[model] = count
         else:
             per_model.pop(model, None)
-
-    def bump_in_flight(self, backend_id: str, model: str, delta: int) -> None:
-        """Adjust this gateway's view at once, before the shared counter answers, so a decision made
-        in the meantime already sees the request."""
-        per_model = self.in_flight.get(backend_id, {})
-        self.set_in_flight(backend_id, model, per_model.get(model, 0) + delta)
+            if not per_model:
+                del self.in_flight[backend_id]
 
     def touch(self, backend_id: str, model: str) -> None:
         live = self.backends.get(backend_id)
@@ -340,8 +345,11 @@ class BackendPool:
             return
         facts = self.facts.get(model)
         size = facts.size_bytes if facts else 0
-        # Without num_ctx in the request, Ollama loaded it at the backend's OLLAMA_CONTEXT_LENGTH.
+        # Without num_ctx in the request, Ollama loaded it at the backend's OLLAMA_CONTEXT_LENGTH;
+        # either way capped as Ollama caps it, as /api/ps will report it (0: not known).
         ctx = (loaded_with.num_ctx if loaded_with else None) or live.record.default_num_ctx or 0
+        if ctx:
+            ctx = loaded_num_ctx(ctx, facts)
         live.seen_resident[model] = (
             ResidentModel(model, size, size, ctx, expires_at=None, loaded_with=loaded_with),
             now,

@@ -88,5 +88,11 @@ class BackendRecord:
             last_error=str(data.get("last_error", "")),
         )
 
+    @property
+    def gpu_count(self) -> int:
+        """Cards in the GPU group, at least 1. The launcher lists each card's UUID and name; a static
+        backend may give only names (`gpus = ["RTX 3090", "RTX 3090"]`) or only UUIDs."""
+        return max(len(self.gpu_uuids), len(self.gpu_names), 1)
+
     def with_state(self, state: BackendState) -> BackendRecord:
         return replace(self, state=state, updated_at=time.time())

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +27,8 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from gateway.record import BackendRecord
+
+log = logging.getLogger(__name__)
 
 _SEP = "\x1f"
 
@@ -40,6 +43,15 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return v
 """
 
+# Drop an owner whose counters are gone, unless they came back since they were read: checked and
+# removed in one step, so an increment racing with the read is never hidden from the fleet.
+_FORGET_OWNER_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.call('SREM', KEYS[2], ARGV[1])
+end
+return 0
+"""
+
 
 class RedisStore:
     """StateStore over Redis. `owner_ttl_s` bounds how long a dead gateway's in-flight counts linger."""
@@ -51,6 +63,7 @@ class RedisStore:
         self._owner_ttl_ms = max(int(owner_ttl_s * 1000), 1000)
         self._refresher: asyncio.Task[None] | None = None
         self._decr = self._redis.register_script(_DECR_SCRIPT)
+        self._forget_owner = self._redis.register_script(_FORGET_OWNER_SCRIPT)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "corral:", owner_ttl_s: float = 30.0) -> RedisStore:
@@ -92,7 +105,12 @@ class RedisStore:
             if raw is None:
                 expired.append(backend_id)
                 continue
-            records.append(BackendRecord.from_json(json.loads(raw)))
+            try:
+                records.append(BackendRecord.from_json(json.loads(raw)))
+            except (ValueError, KeyError, TypeError) as e:
+                # One record this version cannot read (a newer launcher's state, a stray write)
+                # must not hide every other backend from the gateway.
+                log.warning("<%s> unreadable backend record skipped: %s", backend_id, e)
         if expired:
             await self._redis.srem(self._k("backends"), *expired)
         return records
@@ -168,8 +186,8 @@ class RedisStore:
                 if int(count) > 0:
                     per_model = totals.setdefault(backend_id, {})
                     per_model[model] = per_model.get(model, 0) + int(count)
-        if gone:
-            await self._redis.srem(self._k("inflight_owners"), *gone)
+        for owner in gone:
+            await self._forget_owner(keys=[self._k("inflight", owner), self._k("inflight_owners")], args=[owner])
         return totals
 
     async def close(self) -> None:

@@ -8,8 +8,10 @@ offline benchmark run the same code. Every decision carries a `reason` token fro
 Order of the checks, common to every policy:
   1. no backend both healthy and ready            -> Wait(starting) if one is starting, else Reject 503
   2. no healthy backend has the model installed   -> Reject 404 "model 'NAME' not found" (Ollama's text)
-                                                     or 503 when only unhealthy backends have it
-  3. the model fits no backend, ever              -> Reject 500 too_large
+                                                     or 503 when only backends that cannot take
+                                                     requests now have it (unhealthy, draining,
+                                                     failed), Wait when one of them is starting
+  3. the model fits no backend, ever              -> Reject 500 too_large (503 / Wait likewise)
   4. every remaining backend is in `exclude`      -> Reject 503 exhausted (retries used up)
   5. the policy picks among the rest              -> Send, or Wait (residency only)
 """
@@ -21,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, get_args
 
+from gateway.config import Policy as PolicyName
 from gateway.record import BackendKind, BackendState
 from gateway.routing_cost import CostSettings, Estimate, can_ever_fit, estimate, min_need_bytes, model_size_bytes
 from gateway.snapshot import BackendView, LoadOptions, Snapshot
@@ -250,7 +253,8 @@ def _send_baseline(
     return Send(view.id, reason, e.ttft_s, (e,))
 
 
-POLICY_NAMES: tuple[str, ...] = ("residency", "round-robin", "least-busy", "random")
+# The names `[gateway] policy` accepts, defined once with the config.
+POLICY_NAMES: tuple[str, ...] = get_args(PolicyName)
 
 
 def make_policy(
@@ -293,6 +297,16 @@ def _may_hold(view: BackendView, model: str) -> bool:
     return _has_model(view, model) or model in view.record.planned_models
 
 
+def _held_while_down(view: BackendView, model: str) -> bool:
+    """Whether a backend that cannot take requests now holds the model. One starting or ready may
+    (its inventory may not have been read yet); one draining or failed (a crashed backend waiting
+    out its restart backoff) only on evidence: installed, resident or planned there. A model there
+    is not "not found": Ollama's 404 makes `ollama run` pull it again."""
+    if view.record.state in _MAY_SERVE:
+        return _may_hold(view, model)
+    return model in view.installed or view.resident_model(model) is not None or model in view.record.planned_models
+
+
 def choose(request: RouteRequest, snapshot: Snapshot, policy: Policy) -> Decision:
     """Decide where `request` goes. Pure: reads `snapshot`, mutates nothing but the policy's own
     state (round-robin's cursor, the random generator)."""
@@ -306,10 +320,10 @@ def choose(request: RouteRequest, snapshot: Snapshot, policy: Policy) -> Decisio
     holders = [v for v in serving if _has_model(v, model)]
     if not holders:
         # Installed only where no request can go now: temporary, not a 404.
-        elsewhere = [v for v in snapshot.backends if v.record.state in _MAY_SERVE and not _serves(v)]
-        if any(v.record.state == BackendState.STARTING and _may_hold(v, model) for v in elsewhere):
+        down = [v for v in snapshot.backends if not _serves(v) and _held_while_down(v, model)]
+        if any(v.record.state == BackendState.STARTING for v in down):
             return Wait("starting", note=f"model '{request.display_name}' may be on backends still starting")
-        if any(_has_model(v, model) for v in elsewhere):
+        if down:
             return Reject(
                 503,
                 f"no healthy backend has model '{request.display_name}', please try again",
@@ -332,9 +346,8 @@ def choose(request: RouteRequest, snapshot: Snapshot, policy: Policy) -> Decisio
         down = [
             v
             for v in snapshot.backends
-            if v.record.state in _MAY_SERVE
-            and not _serves(v)
-            and _may_hold(v, model)
+            if not _serves(v)
+            and _held_while_down(v, model)
             and can_ever_fit(v, min_need_bytes(v, request.options, facts, size))
         ]
         if any(v.record.state == BackendState.STARTING for v in down):

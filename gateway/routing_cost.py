@@ -126,7 +126,7 @@ def num_slots(view: BackendView, facts: ModelFacts | None) -> int:
 def max_loaded_models(view: BackendView) -> int:
     if view.record.max_loaded_models > 0:
         return view.record.max_loaded_models
-    return MODELS_PER_GPU * max(len(view.record.gpu_uuids), 1)
+    return MODELS_PER_GPU * view.record.gpu_count
 
 
 def default_num_ctx(view: BackendView) -> int:
@@ -142,19 +142,23 @@ def default_num_ctx(view: BackendView) -> int:
     return 4096
 
 
-def effective_num_ctx(view: BackendView, num_ctx: int | None, facts: ModelFacts | None) -> int:
-    """Per-slot context a load would get: `num_ctx` as asked (None: the backend's default), capped to
-    the model's trained context like Ollama does."""
-    ctx = num_ctx if num_ctx is not None else default_num_ctx(view)
+def loaded_num_ctx(num_ctx: int, facts: ModelFacts | None) -> int:
+    """The per-slot context Ollama loads for a request of `num_ctx`: capped to the model's trained
+    context (sched.go effectiveContext), and at least MIN_NUM_CTX. /api/ps then reports this value."""
     if facts is not None and facts.context_length > 0:
-        ctx = min(ctx, facts.context_length)
-    return max(ctx, MIN_NUM_CTX)
+        num_ctx = min(num_ctx, facts.context_length)
+    return max(num_ctx, MIN_NUM_CTX)
+
+
+def effective_num_ctx(view: BackendView, num_ctx: int | None, facts: ModelFacts | None) -> int:
+    """Per-slot context a load would get: `num_ctx` as asked (None: the backend's default), capped
+    like Ollama does."""
+    return loaded_num_ctx(num_ctx if num_ctx is not None else default_num_ctx(view), facts)
 
 
 def _need_for(view: BackendView, facts: ModelFacts, num_ctx: int) -> int:
-    cards = max(len(view.record.gpu_uuids), 1)
     kv = facts.kv_bytes_per_token * num_ctx * num_slots(view, facts)
-    return facts.size_bytes + kv + facts.overhead_bytes * cards
+    return facts.size_bytes + kv + facts.overhead_bytes * view.record.gpu_count
 
 
 def need_bytes(view: BackendView, options: LoadOptions, facts: ModelFacts | None, size_bytes: int | None) -> int | None:
@@ -190,12 +194,9 @@ def options_match(
     (`default_ctx` > 0; routes.go usesAutomaticNumCtx), so a copy loaded with another context is
     reloaded for it. Without that setting both sides use the automatic tier, which matches."""
     wanted_ctx = options.num_ctx if options.num_ctx is not None else (default_ctx or None)
-    if wanted_ctx is not None and resident.context_length > 0:  # 0: the gateway never learned it
-        wanted = wanted_ctx
-        if facts is not None and facts.context_length > 0:
-            wanted = min(wanted, facts.context_length)
-        if max(wanted, MIN_NUM_CTX) != resident.context_length:
-            return False
+    known_ctx = resident.context_length > 0  # 0: the gateway never learned it
+    if wanted_ctx is not None and known_ctx and loaded_num_ctx(wanted_ctx, facts) != resident.context_length:
+        return False
     loaded = resident.loaded_with
     if loaded is None:
         return True

@@ -73,7 +73,9 @@ class MemoryStore:
         self._gpus[host] = ([dict(g) for g in gpus], self._expiry(ttl_s))
 
     async def list_gpus(self) -> dict[str, list[dict[str, Any]]]:
-        return {host: [dict(g) for g in gpus] for host, (gpus, exp) in self._gpus.items() if self._alive(exp)}
+        for host in [h for h, (_, exp) in self._gpus.items() if not self._alive(exp)]:
+            del self._gpus[host]  # a host gone for good leaves nothing behind
+        return {host: [dict(g) for g in gpus] for host, (gpus, _) in self._gpus.items()}
 
     async def incr_in_flight(self, backend_id: str, model: str) -> int:
         per_model = self._in_flight.setdefault(backend_id, {})

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from gateway import appkeys
 from gateway.pool import LiveBackend
+from gateway.snapshot import BackendView
 
 
 def corral_version() -> str:
@@ -24,9 +25,8 @@ def corral_version() -> str:
         return "0.0.0"
 
 
-def backend_status(live: LiveBackend, in_flight: dict[str, int], queued: dict[str, int]) -> dict[str, Any]:
-    resident = live.merged_resident()
-    used = sum(r.size_vram_bytes for r in resident.values())
+def backend_status(live: LiveBackend, view: BackendView) -> dict[str, Any]:
+    """One backend's row: its record, health bookkeeping, and what the router sees of it."""
     return {
         **live.record.to_json(),
         "healthy": live.healthy,
@@ -34,7 +34,7 @@ def backend_status(live: LiveBackend, in_flight: dict[str, int], queued: dict[st
         "consecutive_failures": live.failures,
         "health_error": live.last_error,
         "ollama_version": live.version,
-        "installed": sorted(live.installed),
+        "installed": sorted(view.installed),
         "resident": [
             {
                 "name": r.name,
@@ -46,12 +46,12 @@ def backend_status(live: LiveBackend, in_flight: dict[str, int], queued: dict[st
                     {k: v for k, v in asdict(r.loaded_with).items() if v is not None} if r.loaded_with else None
                 ),
             }
-            for r in sorted(resident.values(), key=lambda r: r.name)
+            for r in sorted(view.resident, key=lambda r: r.name)
         ],
-        "in_flight": dict(sorted(in_flight.items())),
-        "queued": {m: d for m, d in sorted(queued.items()) if m in live.installed},
-        "free_vram_bytes": max(live.record.vram_total_bytes - used, 0),
-        "observed": {model: asdict(stats) for model, stats in sorted(live.observed.items())},
+        "in_flight": dict(sorted(view.in_flight.items())),
+        "queued": dict(sorted(view.queued.items())),
+        "free_vram_bytes": view.free_vram_bytes,
+        "observed": {model: asdict(stats) for model, stats in sorted(view.observed.items())},
     }
 
 
@@ -77,9 +77,6 @@ async def status(request: web.Request) -> web.Response:
             "queue_size": settings.queue_size,
         },
         "gpus": gpus,
-        "backends": [
-            backend_status(live, pool.in_flight.get(backend_id, {}), queued)
-            for backend_id, live in sorted(pool.backends.items())
-        ],
+        "backends": [backend_status(pool.backends[view.id], view) for view in sorted(pool.views(), key=lambda v: v.id)],
     }
     return web.json_response(body)

@@ -14,6 +14,7 @@ Field metadata understood by `decode` (all optional):
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import sys
 import types
@@ -96,10 +97,14 @@ def duration_seconds(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration")
     if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        return parse_go_duration(value)
-    raise ValueError("expected a duration")
+        seconds = float(value)
+    elif isinstance(value, str):
+        seconds = parse_go_duration(value)
+    else:
+        raise ValueError("expected a duration")
+    if not math.isfinite(seconds):  # TOML's nan and inf: no timer can use them
+        raise ValueError("expected a finite duration")
+    return seconds
 
 
 def _describe(value: object) -> str:
@@ -166,6 +171,8 @@ def _coerce(tp: Any, value: object, path: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):  # TOML has nan and inf; no bound check catches nan
+                raise ConfigError(path, f"must be a finite number, got {_describe(value)}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):

@@ -53,6 +53,17 @@ def test_defaults_apply_to_an_empty_file(tmp_path: Path) -> None:
         ("[gateway]\npolicy = 'fastest'\n", "gateway.policy: must be one of 'residency', 'round-robin'"),
         ("[gateway]\nlisten = '11434'\n", 'gateway.listen: must be "host:port"'),
         ("[gateway]\nqueue_timeout_s = 'forever'\n", "gateway.queue_timeout_s: must be a duration"),
+        ("[gateway]\nmax_wait_s = nan\n", "gateway.max_wait_s: must be a duration"),
+        ("[gateway]\nqueue_timeout_s = inf\n", "gateway.queue_timeout_s: must be a duration"),
+        (
+            "[[gateway.backends]]\nurl = 'http://h:1'\nvram_gb = inf\n",
+            "gateway.backends[0].vram_gb: must be a finite number, got inf",
+        ),
+        ("[sim]\nspeed = nan\n", "sim.speed: must be a finite number, got nan"),
+        (
+            "[gateway]\nstate = 'redis'\nredis_url = '127.0.0.1:6379'\n",
+            "gateway.redis_url: must be a redis://, rediss:// or unix:// URL, got '127.0.0.1:6379'",
+        ),
         ("[[gateway.backends]]\nurl = 'localhost:1'\n", "gateway.backends[0].url: must be an http:// or https:// URL"),
         ("[[sim.gpus]]\nname = 'RTX 9999'\n", "sim.gpus[0].name: is not a card in the built-in table"),
         ("[sim]\nspeed = 0\n", "sim.speed: must be >= 0.001, got 0"),

@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from gateway.appkeys import POOL
 from gateway.auth import ApiKeys
@@ -89,6 +90,47 @@ async def test_a_reply_with_a_long_load_makes_the_model_resident_there(
         assert 'corral_cold_loads_total{backend="a",model="llama3.1:8b"} 1.0' in text
         observed = {s["id"]: s for s in (await status_of(http, gw))["backends"]}["a"]["observed"]
         assert observed["llama3.1:8b"]["tokens_per_s"] == pytest.approx(100.0)  # 3 tokens in 30 ms
+
+
+class ShowingFake(FakeOllama):
+    """A backend holding a model the catalog does not know: its facts come from /api/show."""
+
+    tags_served = 0
+
+    async def api_tags(self, request: web.Request) -> web.Response:
+        self.tags_served += 1
+        return await super().api_tags(request)
+
+    async def api_show(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        info = {
+            "general.architecture": "llama",
+            "general.parameter_count": 3_200_000_000,
+            "llama.block_count": 26,
+            "llama.embedding_length": 3072,
+            "llama.attention.head_count": 24,
+            "llama.attention.head_count_kv": 8,
+            "llama.context_length": 16384,
+            "llama.vocab_size": 128256,
+        }
+        return web.json_response({"details": {"quantization_level": "Q4_K_M"}, "model_info": info})
+
+
+async def test_facts_of_a_model_outside_the_catalog_come_from_show_once() -> None:
+    fake = await ShowingFake(name="g0", models={"custom-llm:3b": 2_000_000_000}).start()
+    try:
+        async with gateway(fake) as gw:
+            pool = gw.app[POOL]
+            await wait_for(lambda: "custom-llm:3b" in pool.facts)
+            facts = pool.facts["custom-llm:3b"]
+            assert (facts.size_bytes, facts.context_length) == (2_000_000_000, 16384)
+            # f16 K and V of 128-wide heads, 8 KV heads, 26 layers, per token of context.
+            assert facts.kv_bytes_per_token == 26 * 8 * (128 + 128) * 2
+            polls = fake.tags_served
+            await wait_for(lambda: fake.tags_served >= polls + 3)
+        assert len(fake.calls("/api/show")) == 1
+    finally:
+        await fake.stop()
 
 
 async def _hold_a_stream(http: aiohttp.ClientSession, gw: GatewayServer, fake: FakeOllama) -> aiohttp.ClientResponse:

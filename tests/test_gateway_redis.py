@@ -13,6 +13,9 @@ import pytest
 
 from gateway.appkeys import POOL
 from gateway.auth import ApiKeys
+from gateway.inflight import InFlight
+from gateway.pool import BackendPool
+from gateway.record import BackendRecord
 from gateway.redis_store import RedisStore
 from gateway.server import GatewayServer
 from tests.gateway_fakes import FakeOllama, fast_settings, wait_for
@@ -63,3 +66,22 @@ async def test_gateways_on_one_redis_agree_on_in_flight_requests(stores: tuple[R
     finally:
         hold.set()
         await fake.stop()
+
+
+async def test_a_gateways_own_requests_do_not_hide_the_others_from_its_router(
+    stores: tuple[RedisStore, RedisStore],
+) -> None:
+    # Redis answers an increment with this gateway's own count; the router's view must keep the
+    # other gateway's request that the last poll brought in.
+    one, two = stores
+    pool = BackendPool(fast_settings())
+    pool.sync_records([BackendRecord(id="g0", url="http://127.0.0.1:1")])
+    await two.incr_in_flight("g0", "llama3.1:8b")  # a request through the other gateway
+    pool.replace_in_flight(await one.in_flight())
+    assert pool.in_flight == {"g0": {"llama3.1:8b": 1}}
+    in_flight = InFlight(one, pool, on_release=lambda _backend, _model: None)
+    async with in_flight.hold("g0", "llama3.1:8b"):
+        assert pool.in_flight == {"g0": {"llama3.1:8b": 2}}
+    await in_flight.settle()
+    assert pool.in_flight == {"g0": {"llama3.1:8b": 1}}
+    assert await one.in_flight() == {"g0": {"llama3.1:8b": 1}}

@@ -7,12 +7,15 @@ import json
 import pytest
 
 from gateway.fanout import ProgressMerger
+from gateway.inflight import InFlight
 from gateway.modelfacts import facts_from_catalog, facts_from_show
 from gateway.parse import BadRequest, is_zero_keep_alive, parse_model_call
 from gateway.pool import BackendPool
 from gateway.proxy import FinalChunkTap
 from gateway.record import BackendRecord
+from gateway.routing import ResidencyPolicy, RouteRequest, Send, choose
 from gateway.snapshot import LoadOptions
+from gateway.state import MemoryStore
 from launcher.catalog import find_model
 from tests.gateway_fakes import fast_settings
 
@@ -23,6 +26,38 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+class FlakyStore(MemoryStore):
+    """A store whose next increment fails, like a shared store that hiccups once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refuse_next_incr = False
+
+    async def incr_in_flight(self, backend_id: str, model: str) -> int:
+        if self.refuse_next_incr:
+            self.refuse_next_incr = False
+            raise ConnectionError("store unreachable")
+        return await super().incr_in_flight(backend_id, model)
+
+
+async def test_a_request_the_store_never_counted_is_not_uncounted_there() -> None:
+    store = FlakyStore()
+    pool = BackendPool(fast_settings())
+    pool.sync_records([BackendRecord(id="g0", url="http://127.0.0.1:1")])
+    released: list[tuple[str, str]] = []
+    in_flight = InFlight(store, pool, on_release=lambda b, m: released.append((b, m)))
+    async with in_flight.hold("g0", "m"):  # counted in the store
+        store.refuse_next_incr = True
+        async with in_flight.hold("g0", "m"):  # the store refused to count this one
+            assert pool.in_flight == {"g0": {"m": 2}}  # the router still sees both
+        await in_flight.settle()
+        assert await store.in_flight() == {"g0": {"m": 1}}  # the first is still counted
+        assert pool.in_flight == {"g0": {"m": 1}}
+    await in_flight.settle()
+    assert await store.in_flight() == {} and pool.in_flight == {}
+    assert released == [("g0", "m"), ("g0", "m")]
 
 
 def test_parse_reads_model_options_and_stream_defaults() -> None:
@@ -102,6 +137,33 @@ def test_polled_residency_keeps_what_replies_revealed_until_a_later_poll() -> No
     assert view.free_vram_bytes == 24 * 1024**3 - 6_000_000_000
     pool.apply_ps("g0", [], clock.now + 2)  # unloaded since
     assert not pool.is_resident("g0", "llama3.1:8b")
+
+
+def test_a_load_the_gateway_saw_is_reused_for_the_same_options_past_the_trained_context() -> None:
+    # qwen2.5:7b is trained for 32768 tokens: Ollama loads a num_ctx=65536 request at 32768, and
+    # reuses that copy for the next such request. Until a poll shows the copy, only the gateway's
+    # own note says so, and it must not send the second request to a reload elsewhere.
+    pool = BackendPool(fast_settings())
+    model = "qwen2.5:7b"
+    facts = facts_from_catalog(model)
+    assert facts is not None and facts.context_length == 32768
+    pool.facts[model] = facts
+    records = [
+        BackendRecord(id=b, url=f"http://127.0.0.1:{p}", vram_total_bytes=24 * 1024**3, speed=s)
+        for b, p, s in (("g0", 1, 1.0), ("g1", 2, 3.3))
+    ]
+    pool.sync_records(records)
+    for backend_id in ("g0", "g1"):
+        pool.mark_success(backend_id)
+        pool.apply_tags(backend_id, [{"name": model, "size": facts.size_bytes}])
+    options = LoadOptions(num_ctx=65536)
+    final = {"done": True, "load_duration": 3_000_000_000, "eval_count": 5, "eval_duration": 50_000_000}
+    pool.observe_reply("g0", model, final, options, service_s=3.1)
+    decision = choose(RouteRequest(model, options=options), pool.snapshot(), ResidencyPolicy())
+    assert isinstance(decision, Send), decision
+    assert (decision.backend_id, decision.reason) == ("g0", "resident_free_slot"), decision.explanation
+    noted = pool.backends["g0"].merged_resident()[model]
+    assert noted.context_length == 32768
 
 
 def test_service_time_is_the_time_a_request_held_a_slot() -> None:

@@ -237,6 +237,17 @@ def test_max_loaded_models_forces_an_eviction_even_with_memory_free() -> None:
     assert "evicting qwen2.5:7b" in decision.explanation
 
 
+def test_a_group_named_by_card_names_alone_holds_three_models_per_card() -> None:
+    # A static split backend (`gpus = ["RTX 3090", "RTX 3090"]`) has names and no UUIDs: two cards
+    # still hold Ollama's 3 models each, so a fourth loads beside the three idle ones.
+    split = replace(
+        record("s01", vram_gib=48, kind=BackendKind.SPLIT), gpu_uuids=(), gpu_names=("RTX 3090", "RTX 3090")
+    )
+    g0 = view(split, resident_models=[resident(LLAMA), resident(QWEN), resident(EMBED, ctx=2048)])
+    decision = route(snap(g0), MISTRAL)
+    assert isinstance(decision, Send) and decision.reason == "cold_load", decision.explanation
+
+
 def test_a_model_larger_than_every_single_card_goes_to_the_split_backend() -> None:
     g0 = view(record("g0", speed=3.3))
     g1 = view(record("g1"))
@@ -359,6 +370,24 @@ def test_a_model_only_on_a_down_backend_is_503_not_404() -> None:
     g1 = view(record("g1"), installed=[LLAMA], healthy=False)
     decision = route(snap(g0, g1))
     assert isinstance(decision, Reject) and (decision.status, decision.reason) == (503, "no_healthy_backend")
+
+
+@pytest.mark.parametrize("state", [BackendState.FAILED, BackendState.DRAINING])
+def test_a_model_only_on_a_failed_or_draining_backend_is_503_not_404(state: BackendState) -> None:
+    # A crashed backend waits out its restart backoff as "failed": its models are not gone, and a
+    # 404 would make `ollama run` pull the model again.
+    g0 = view(record("g0"), installed=[QWEN])
+    g1 = view(record("g1", state=state), installed=[LLAMA], healthy=False)
+    decision = route(snap(g0, g1))
+    assert isinstance(decision, Reject) and (decision.status, decision.reason) == (503, "no_healthy_backend")
+    # Likewise the only backend large enough for a model: not "too large".
+    split = view(record("s01", vram_gib=48, kind=BackendKind.SPLIT, gpus=2, state=state), healthy=False)
+    decision = route(snap(view(record("g0")), split), BIG, options=LoadOptions(num_ctx=8192))
+    assert isinstance(decision, Reject) and (decision.status, decision.reason) == (503, "no_healthy_backend")
+    # One never reached (nothing known of its store) does not turn unknown names into 503s.
+    never = view(record("g1", state=state), installed=(), inventory_known=False, healthy=False)
+    decision = route(snap(g0, never), "nosuch:latest")
+    assert isinstance(decision, Reject) and (decision.status, decision.reason) == (404, "not_found")
 
 
 def test_ties_go_to_the_faster_gpu() -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -108,6 +110,18 @@ async def test_gpu_lists_per_host(make_store: Callable[[], StateStore]) -> None:
     assert gpus["box-b"][0]["memory_free"] == 2
 
 
+async def test_a_gpu_list_without_heartbeat_expires(make_store: Callable[[], StateStore]) -> None:
+    store = make_store()
+    await store.put_gpus("kept", [{"index": 0, "name": "RTX 4090"}])
+    await store.put_gpus("lapsing", [{"index": 0, "name": "RTX 3090"}], ttl_s=0.2)
+    assert set(await store.list_gpus()) == {"kept", "lapsing"}
+
+    async def lapsed() -> bool:
+        return set(await store.list_gpus()) == {"kept"}
+
+    await _eventually(lapsed)
+
+
 async def test_in_flight_counts_are_shared_and_never_negative(make_store: Callable[[], StateStore]) -> None:
     gateway_a, gateway_b = make_store(), make_store()
     await gateway_a.incr_in_flight("g0", "llama3.1:8b")
@@ -164,6 +178,58 @@ async def test_a_dead_gateways_counts_expire_with_it() -> None:
     finally:
         await survivor.close()
         await crashed._redis.aclose()
+
+
+async def test_an_unreadable_record_does_not_hide_the_other_backends() -> None:
+    await _redis_or_skip()
+    prefix = f"corral-test-{uuid.uuid4().hex}:"
+    store = _redis_factory(prefix)()
+    try:
+        await store.put_backend(_record("g0"))
+        # A record written by a newer launcher with a state this version does not know, and junk.
+        newer = {**_record("g1").to_json(), "state": "hibernating"}
+        await store._redis.set(f"{prefix}backend:g1", json.dumps(newer))
+        await store._redis.set(f"{prefix}backend:g2", "{not json")
+        await store._redis.sadd(f"{prefix}backends", "g1", "g2")
+        assert [r.id for r in await store.list_backends()] == ["g0"]
+    finally:
+        await store.close()
+
+
+async def test_a_gateway_counting_again_while_another_reads_stays_counted() -> None:
+    # b's counters went to zero (its hash is gone); a reads the fleet's counters and, in between
+    # its read and its cleanup of owners without counters, b counts a new request.
+    await _redis_or_skip()
+    factory = _redis_factory(f"corral-test-{uuid.uuid4().hex}:")
+    a, b = factory(), factory()
+    try:
+        await b.incr_in_flight("g0", "m")
+        await b.decr_in_flight("g0", "m")
+        real_pipeline = a._redis.pipeline
+        raced = False
+
+        def racing_pipeline(*args: Any, **kwargs: Any) -> Any:
+            pipe = real_pipeline(*args, **kwargs)
+            real_execute = pipe.execute
+
+            async def execute(*e_args: Any, **e_kwargs: Any) -> Any:
+                nonlocal raced
+                replies = await real_execute(*e_args, **e_kwargs)
+                if not raced:
+                    raced = True
+                    await b.incr_in_flight("g0", "m")
+                return replies
+
+            pipe.execute = execute
+            return pipe
+
+        a._redis.pipeline = racing_pipeline  # type: ignore[method-assign]
+        assert await a.in_flight() == {}  # a's read came before b's request
+        assert raced
+        assert await a.in_flight() == {"g0": {"m": 1}}
+    finally:
+        await a.close()
+        await b.close()
 
 
 async def test_open_store_by_name() -> None:
