@@ -21,7 +21,8 @@ from aiohttp import web
 
 from gateway import appkeys
 from gateway.admission import QueueFull, QueueTimeout
-from gateway.errors import BACKEND_HEADER, gateway_error
+from gateway.errors import BACKEND_HEADER, error_for
+from gateway.fanout import call_all
 from gateway.parse import BadRequest, ModelCall, parse_model_call
 from gateway.proxy import AttemptFailed, ClientGone, HeldResponse, Outcome, forward
 from gateway.routing import Decision, Reject, RouteRequest, Send, Wait, choose
@@ -53,22 +54,24 @@ async def handle_model_call(request: web.Request) -> web.StreamResponse:
     """The handler behind every routed path (generate, chat, embed, show and their /v1 forms)."""
     started_at = time.monotonic()
     path_model = request.match_info.get("model") if request.path.startswith("/v1/models/") else None
-    openai = request.path.startswith("/v1/")
     try:
         body = b"" if path_model is not None else await read_body(request)
         call = parse_model_call(request.path, body, path_model)
     except BadRequest as e:
         _count(request, "", "", e.status)
-        return gateway_error(e.status, e.message, openai=openai)
+        return error_for(request, e.status, e.message)
     if call.unload:
         return await _unload(request, call, body, started_at)
     return await _route(request, call, body, started_at)
 
 
-def _count(request: web.Request, model: str, backend_id: str, status: int) -> None:
+def _model_label(request: web.Request, model: str) -> str:
     # Names no backend has stay out of the labels: clients could otherwise mint series at will.
-    label = model if model and request.app[appkeys.POOL].knows_model(model) else "other"
-    request.app[appkeys.METRICS].requests.labels(label, backend_id or "none", str(status)).inc()
+    return model if model and request.app[appkeys.POOL].knows_model(model) else "other"
+
+
+def _count(request: web.Request, model: str, backend_id: str, status: int) -> None:
+    request.app[appkeys.METRICS].requests.labels(_model_label(request, model), backend_id or "none", str(status)).inc()
 
 
 def _decide(request: web.Request, route: RouteRequest) -> Decision:
@@ -120,19 +123,19 @@ async def _route(request: web.Request, call: ModelCall, body: bytes, started_at:
         try:
             decision = await _decide_or_wait(request, route)
         except QueueRefused as e:
-            metrics.queue_rejections.labels(call.model, e.reason).inc()
+            metrics.queue_rejections.labels(_model_label(request, call.model), e.reason).inc()
             _count(request, call.model, "", 503)
-            return gateway_error(503, e.message, openai=call.openai, headers={"Retry-After": str(e.retry_after_s)})
+            return error_for(request, 503, e.message, headers={"Retry-After": str(e.retry_after_s)})
         if isinstance(decision, Reject):
             if held is not None:  # the last backend's own error says more than "nothing left"
                 _count(request, call.model, held.backend_id, held.status)
                 return held.to_response()
             if route.exclude and last_failure:
                 _count(request, call.model, "", 502)
-                return gateway_error(502, f"{decision.message} (last failure: {last_failure})", openai=call.openai)
+                return error_for(request, 502, f"{decision.message} (last failure: {last_failure})")
             _count(request, call.model, "", decision.status)
             headers = {"Retry-After": "1"} if decision.status == 503 else None
-            return gateway_error(decision.status, decision.message, openai=call.openai, headers=headers)
+            return error_for(request, decision.status, decision.message, headers=headers)
         try:
             return await _send(request, call, decision.backend_id, body, started_at)
         except AttemptFailed as e:
@@ -145,9 +148,9 @@ async def _route(request: web.Request, call: ModelCall, body: bytes, started_at:
                     _count(request, call.model, held.backend_id, held.status)
                     return held.to_response()
                 _count(request, call.model, e.backend_id, 502)
-                return gateway_error(502, f"backend {e.backend_id} failed: {e.message}", openai=call.openai)
+                return error_for(request, 502, f"backend {e.backend_id} failed: {e.message}")
             retries_left -= 1
-            metrics.retries.labels(call.model).inc()
+            metrics.retries.labels(_model_label(request, call.model)).inc()
             route = replace(route, exclude=route.exclude | {e.backend_id})
 
 
@@ -191,7 +194,6 @@ async def _send(
         finally:
             if cold:
                 pool.stop_loading(backend_id, call.model)
-    pool.mark_success(backend_id)
     _learn(request, call, backend_id, outcome, started_at)
     return outcome.response
 
@@ -209,15 +211,20 @@ def _learn(request: web.Request, call: ModelCall, backend_id: str, outcome: Outc
     metrics = app[appkeys.METRICS]
     pool = app[appkeys.POOL]
     elapsed_s = time.monotonic() - started_at
+    label = _model_label(request, call.model)
     _count(request, call.model, backend_id, outcome.status)
-    metrics.request_duration.labels(call.model, backend_id).observe(elapsed_s)
+    metrics.request_duration.labels(label, backend_id).observe(elapsed_s)
     if outcome.first_byte_s is not None:
-        metrics.ttft.labels(call.model, backend_id).observe(outcome.first_byte_s)
+        metrics.ttft.labels(label, backend_id).observe(outcome.first_byte_s)
     if outcome.midstream_error is not None:
+        # Counted as a failure only (not also as the success of having answered, which would reset
+        # the count): a backend that keeps dying mid-stream gets ejected like one that refuses.
         metrics.midstream_failures.labels(backend_id).inc()
         if pool.mark_failure(backend_id, outcome.midstream_error):
             metrics.ejections.labels(backend_id).inc()
+            app[appkeys.QUEUES].notify()
         return
+    pool.mark_success(backend_id)
     if outcome.final is None or outcome.status != 200 or call.kind == "show":
         return
     facts = pool.observe_reply(backend_id, call.model, outcome.final, call.options, elapsed_s)
@@ -231,40 +238,25 @@ def _learn(request: web.Request, call: ModelCall, backend_id: str, outcome: Outc
 async def _unload(request: web.Request, call: ModelCall, body: bytes, started_at: float) -> web.StreamResponse:
     """keep_alive 0 with nothing to generate: unload wherever the model is loaded. Sending it to a
     backend where it is not loaded would be harmless (Ollama checks before scheduling), so with no
-    resident copy one backend that has the model answers."""
+    resident copy one backend that has the model answers. The answer is a failed backend's own
+    reply when there is one (the model may still be loaded there), else a success."""
     app = request.app
     pool = app[appkeys.POOL]
-    targets = [b for b, live in pool.backends.items() if live.healthy and pool.is_resident(b, call.model)]
+    targets = [live for live in pool.backends.values() if live.healthy and pool.is_resident(live.record.id, call.model)]
     if not targets:
         return await _route(request, replace(call, kind="show"), body, started_at)
-    session = app[appkeys.SESSION]
-    settings = app[appkeys.SETTINGS]
-    last: web.Response | None = None
-    for backend_id in targets:
-        live = pool.get(backend_id)
-        if live is None:
-            continue
-        url = live.record.url + request.path
-        status, headers, reply = await _post_json(session, url, body, settings.connect_timeout_s)
-        if status is None:
-            continue
-        pool.forget_resident(backend_id, call.model)
-        last = web.Response(status=status, body=reply, headers={BACKEND_HEADER: backend_id, **headers})
+    connect_s = app[appkeys.SETTINGS].connect_timeout_s
+    timeout = aiohttp.ClientTimeout(total=None, connect=connect_s)
+    replies = await call_all(app[appkeys.SESSION], targets, "POST", request.path, body, client_timeout=timeout)
+    answered = [(r.status, r) for r in replies if r.status is not None]
+    for _, reply in answered:
+        pool.forget_resident(reply.backend_id, call.model)
     app[appkeys.QUEUES].notify()
-    if last is None:
-        return gateway_error(502, f"no backend holding model '{call.requested_as}' answered", openai=call.openai)
-    _count(request, call.model, "all", last.status)
-    return last
-
-
-async def _post_json(
-    session: aiohttp.ClientSession, url: str, body: bytes, connect_timeout_s: float
-) -> tuple[int | None, dict[str, str], bytes]:
-    timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s)
-    try:
-        async with session.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=timeout) as resp:
-            content_type = resp.headers.get("Content-Type", "application/json")
-            return resp.status, {"Content-Type": content_type}, await resp.read()
-    except (aiohttp.ClientError, TimeoutError) as e:
-        log.warning("unload at %s failed: %s", url, e)
-        return None, {}, b""
+    if not answered:
+        log.warning("unload of %s failed: %s", call.model, "; ".join(r.error for r in replies))
+        _count(request, call.model, "", 502)
+        return error_for(request, 502, f"no backend holding model '{call.requested_as}' answered")
+    status, chosen = next(((s, r) for s, r in answered if s >= 300), answered[-1])
+    _count(request, call.model, "all", status)
+    headers = {"Content-Type": chosen.content_type, BACKEND_HEADER: chosen.backend_id}
+    return web.Response(status=status, body=chosen.body, headers=headers)

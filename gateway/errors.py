@@ -1,16 +1,18 @@
 """The gateway's own error replies, shaped like Ollama's and tagged so clients can tell them apart.
 
-Ollama answers errors with `{"error": "<message>"}` on its native routes and with OpenAI's
-`{"error": {"message", "type", "param", "code"}}` on `/v1/*` (openai/openai.go `NewError`). The
-gateway keeps those shapes, so official clients raise their usual exceptions, and adds the header
-`X-Corral-Error: gateway` to every error it produced itself: an error without that header came
-from a backend and was passed through unchanged.
+Ollama answers errors with `{"error": "<message>"}` on its native routes, with OpenAI's
+`{"error": {"message", "type", "param", "code"}}` on `/v1/*` (openai/openai.go `NewError`) and
+with Anthropic's `{"type": "error", "error": {"type", "message"}}` on `/v1/messages`
+(anthropic/anthropic.go `NewError`). The gateway keeps those shapes, so official clients raise
+their usual exceptions, and adds the header `X-Corral-Error: gateway` to every error it produced
+itself: an error without that header came from a backend and was passed through unchanged.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from typing import Literal
 
 from aiohttp import web
 
@@ -21,10 +23,28 @@ BACKEND_HEADER = "X-Corral-Backend"
 NOT_FOUND_TEXT = "404 page not found"
 METHOD_NOT_ALLOWED_TEXT = "405 method not allowed"
 
+ErrorShape = Literal["ollama", "openai", "anthropic"]
 
-def is_openai_path(path: str) -> bool:
-    """True for the OpenAI-compatible routes, whose errors use OpenAI's shape."""
-    return path == "/v1" or path.startswith("/v1/")
+# anthropic.NewError's types by status; any other status is an "api_error".
+_ANTHROPIC_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def error_shape(path: str) -> ErrorShape:
+    """The error body a route family answers with: Anthropic's on /v1/messages, OpenAI's on the
+    other /v1 routes, Ollama's everywhere else."""
+    if path == "/v1/messages":
+        return "anthropic"
+    if path == "/v1" or path.startswith("/v1/"):
+        return "openai"
+    return "ollama"
 
 
 def openai_error_type(status: int) -> str:
@@ -35,29 +55,48 @@ def openai_error_type(status: int) -> str:
     return "api_error"
 
 
-def error_body(status: int, message: str, *, openai: bool) -> dict[str, object]:
-    if openai:
+def error_body(status: int, message: str, *, shape: ErrorShape = "ollama") -> dict[str, object]:
+    if shape == "openai":
         return {"error": {"message": message, "type": openai_error_type(status), "param": None, "code": None}}
+    if shape == "anthropic":
+        return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
     return {"error": message}
+
+
+def error_text(body: bytes, status: int | None = None) -> str:
+    """The message of an error reply in any of the three shapes (or its raw text), for logs and
+    for gateway errors that quote a backend's."""
+    try:
+        value = json.loads(body)
+    except ValueError:
+        value = None
+    if isinstance(value, Mapping):
+        error = value.get("error")
+        if isinstance(error, Mapping) and error.get("message"):
+            return str(error["message"])
+        if error and not isinstance(error, Mapping):
+            return str(error)
+    text = body.decode(errors="replace").strip()[:200]
+    return text or (f"HTTP {status}" if status is not None else "")
 
 
 def gateway_error(
     status: int,
     message: str,
     *,
-    openai: bool = False,
+    shape: ErrorShape = "ollama",
     headers: Mapping[str, str] | None = None,
 ) -> web.Response:
     """A complete error reply produced by the gateway itself (tagged with `X-Corral-Error`)."""
     all_headers = {ERROR_SOURCE_HEADER: "gateway", **(headers or {})}
-    return web.json_response(error_body(status, message, openai=openai), status=status, headers=all_headers)
+    return web.json_response(error_body(status, message, shape=shape), status=status, headers=all_headers)
 
 
 def error_for(
     request: web.Request, status: int, message: str, headers: Mapping[str, str] | None = None
 ) -> web.Response:
     """`gateway_error` in the shape the request's route family uses."""
-    return gateway_error(status, message, openai=is_openai_path(request.path), headers=headers)
+    return gateway_error(status, message, shape=error_shape(request.path), headers=headers)
 
 
 def ndjson_error_line(message: str) -> bytes:
@@ -65,10 +104,12 @@ def ndjson_error_line(message: str) -> bytes:
     return json.dumps({"error": message}).encode() + b"\n"
 
 
-def sse_error_event(message: str) -> bytes:
-    """An OpenAI-style error event; the openai client raises APIError on a data frame with `error`."""
-    payload = error_body(500, message, openai=True)
-    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+def sse_error_event(message: str, shape: ErrorShape = "openai") -> bytes:
+    """An error event in the stream's own dialect: Anthropic's (an `error` event) for that shape,
+    else OpenAI's (a data frame with `error`, on which the openai client raises APIError)."""
+    if shape == "anthropic":
+        return b"event: error\ndata: " + json.dumps(error_body(500, message, shape=shape)).encode() + b"\n\n"
+    return b"data: " + json.dumps(error_body(500, message, shape="openai")).encode() + b"\n\n"
 
 
 def not_found_page() -> web.Response:

@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 
+from gateway.errors import error_text
 from gateway.pool import BackendPool, LiveBackend
 from gateway.record import BackendState
 
@@ -57,12 +58,7 @@ class Reply:
             return None
 
     def error_text(self) -> str:
-        if self.status is None:
-            return self.error
-        value = self.json()
-        if isinstance(value, dict) and value.get("error"):
-            return str(value["error"])
-        return self.body.decode(errors="replace").strip() or f"HTTP {self.status}"
+        return self.error if self.status is None else error_text(self.body, self.status)
 
 
 async def call(

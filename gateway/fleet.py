@@ -24,7 +24,7 @@ from gateway.fanout import Reply, call_all, one_per_store, routable, store_key
 from gateway.parse import BadRequest, parse_body
 from gateway.pool import LiveBackend, parse_timestamp
 from gateway.progress import merged_progress
-from gateway.proxy import AttemptFailed, forward
+from gateway.proxy import AttemptFailed, ClientGone, forward
 from gateway.routing import Reject, RouteRequest, Send, choose
 from launcher.catalog import normalize_name
 
@@ -256,6 +256,8 @@ async def _forward_once(request: web.Request, backend_id: str, body: bytes | Non
         if e.held is not None:
             return e.held.to_response()
         return error_for(request, 502, f"backend {backend_id} failed: {e.message}")
+    except ClientGone as e:  # nobody to answer: the cut reply ends the request
+        return e.response
     return outcome.response
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Hashable
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -12,22 +13,34 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class RequestTracker:
-    """How many requests are inside a handler right now; `wait_idle` waits for none."""
+    """How many requests are inside a handler right now, and on which connections; `wait_idle`
+    waits for none."""
 
     def __init__(self) -> None:
         self.active = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._busy: Counter[Hashable] = Counter()  # connection -> its requests inside a handler
 
-    def enter(self) -> None:
+    def enter(self, connection: Hashable | None = None) -> None:
         self.active += 1
         self._idle.clear()
+        if connection is not None:
+            self._busy[connection] += 1
 
-    def leave(self) -> None:
+    def leave(self, connection: Hashable | None = None) -> None:
         self.active -= 1
         if self.active <= 0:
             self.active = 0
             self._idle.set()
+        if connection is not None:
+            self._busy[connection] -= 1
+            if self._busy[connection] <= 0:
+                del self._busy[connection]
+
+    def is_busy(self, connection: Hashable) -> bool:
+        """Whether a request on this connection (an aiohttp RequestHandler) is being served."""
+        return connection in self._busy
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """True when no request is active (now or within `timeout_s`), False on timeout."""
@@ -41,10 +54,11 @@ class RequestTracker:
     def middleware(self) -> Middleware:
         @web.middleware
         async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
-            self.enter()
+            connection = request.protocol
+            self.enter(connection)
             try:
                 return await handler(request)
             finally:
-                self.leave()
+                self.leave(connection)
 
         return track

@@ -35,6 +35,14 @@ ROUTED_PATHS: dict[str, tuple[RequestKind, bool]] = {
 }
 
 
+# Ollama's GenerateHandler and EmbedHandler answer a request without a model with their not-found
+# reply, 404 "model '' not found" (routes.go: writeModelRefParseError's fallback); the other
+# handlers and middlewares say 400 "model is required".
+MISSING_MODEL_NOT_FOUND_PATHS: frozenset[str] = frozenset(
+    {"/api/generate", "/api/embed", "/v1/completions", "/v1/embeddings"}
+)
+
+
 class BadRequest(Exception):
     """A request refused before routing: `status` and an Ollama-style `message`."""
 
@@ -107,7 +115,8 @@ def _is_unload(kind: RequestKind, data: Mapping[str, Any]) -> bool:
 
 def parse_model_call(path: str, body: bytes, path_model: str | None = None) -> ModelCall:
     """Read a model-scoped request. `path_model` is the model named in the URL (/v1/models/{model}).
-    Raises BadRequest (400) for a body Ollama would refuse before looking the model up."""
+    Raises BadRequest (400, or 404 for a missing model where Ollama says so) for a body Ollama
+    would refuse before looking the model up."""
     if path_model is not None:
         name = path_model
         return ModelCall(normalize_name(name), name, "show", True, LoadOptions(), False, 0, False)
@@ -116,10 +125,12 @@ def parse_model_call(path: str, body: bytes, path_model: str | None = None) -> M
     raw_model = data.get("model")
     if kind == "show" and not raw_model:
         raw_model = data.get("name")  # /api/show still accepts the deprecated "name"
-    if raw_model is None or raw_model == "":
-        raise BadRequest(400, "model is required")
-    if not isinstance(raw_model, str):
+    if raw_model is not None and not isinstance(raw_model, str):
         raise BadRequest(400, "invalid model name: must be a string")
+    if raw_model is None or not raw_model.strip():  # Ollama trims the name before checking it
+        if path in MISSING_MODEL_NOT_FOUND_PATHS:
+            raise BadRequest(404, f"model '{raw_model or ''}' not found")
+        raise BadRequest(400, "model is required")
     options = data.get("options") if not openai else None
     if options is not None and not isinstance(options, Mapping):
         raise BadRequest(400, "invalid options: must be a JSON object")

@@ -20,7 +20,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway import appkeys
-from gateway.errors import BACKEND_HEADER, error_for
+from gateway.errors import BACKEND_HEADER, error_for, error_text
 from gateway.fanout import ProgressMerger, ndjson_lines
 from gateway.pool import LiveBackend
 
@@ -75,13 +75,14 @@ async def _pump(
             if resp.status != 200:
                 raw = await resp.read()
                 await queue.put(_Refused(backend_id, resp.status, raw, resp.headers.get("Content-Type", "")))
-                return
-            async for value in ndjson_lines(resp):
-                await queue.put(_Line(backend_id, value))
-    except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            else:
+                async for value in ndjson_lines(resp):
+                    await queue.put(_Line(backend_id, value))
+    except Exception as e:  # whatever ends a pump must reach the merge, which waits for every _Done
         await queue.put(_Broken(backend_id, f"{type(e).__name__}: {e}"))
-    finally:
-        await queue.put(_Done(backend_id))
+    # Not in a `finally`: a pump is cancelled when the merge is over, and then nobody reads the
+    # queue any more; waiting for room in it would never end.
+    await queue.put(_Done(backend_id))
 
 
 def _line(value: dict[str, Any]) -> bytes:
@@ -149,7 +150,7 @@ async def _merge(
             if merged is not None and response is not None:
                 await response.write(_line(merged))
         elif isinstance(event, _Refused):
-            merger.fail(event.backend_id, _error_text(event.body, event.status))
+            merger.fail(event.backend_id, error_text(event.body, event.status))
         elif isinstance(event, _Broken):
             merger.fail(event.backend_id, event.message)
         else:
@@ -169,13 +170,3 @@ async def _merge(
     if "error" in final:
         return web.json_response(final, status=500)
     return web.json_response(final)
-
-
-def _error_text(body: bytes, status: int) -> str:
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return body.decode(errors="replace").strip() or f"HTTP {status}"
-    if isinstance(value, dict) and value.get("error"):
-        return str(value["error"])
-    return f"HTTP {status}"

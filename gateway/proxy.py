@@ -18,7 +18,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,13 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.errors import BACKEND_HEADER, ndjson_error_line, sse_error_event
+from gateway.errors import (
+    BACKEND_HEADER,
+    error_shape,
+    error_text,
+    ndjson_error_line,
+    sse_error_event,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +53,11 @@ HOP_BY_HOP: frozenset[str] = frozenset(
 )
 # Request headers not to forward: Host is set from the backend's URL (Ollama bound to loopback
 # refuses foreign Host headers with 403, see allowedHostsMiddleware), Content-Length is recomputed
-# by the client library, Authorization carries the gateway's key (backends must not see it), and
-# Expect would make the backend answer 100-continue to a body we already hold.
-DROP_REQUEST_HEADERS: frozenset[str] = HOP_BY_HOP | {"host", "content-length", "authorization", "expect"}
+# by the client library, Authorization carries the gateway's key (backends must not see it),
+# Expect would make the backend answer 100-continue to a body we already hold, and Origin was
+# already checked by the gateway's CORS policy: passed on, it would make Ollama's own CORS check
+# refuse (403) every browser origin allowed only by `[gateway] cors_origins`.
+DROP_REQUEST_HEADERS: frozenset[str] = HOP_BY_HOP | {"host", "content-length", "authorization", "expect", "origin"}
 # Reply headers not to forward: the body is re-framed by this server (chunked, or with its own
 # Content-Length when the whole reply is already here), which also sets its own Date and Server.
 DROP_RESPONSE_HEADERS: frozenset[str] = HOP_BY_HOP | {"content-length", "date", "server"}
@@ -217,12 +225,9 @@ async def forward(
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, backend_id: str, started_at: float) -> Outcome:
     if upstream.status >= 500:
-        try:
-            held_body = await upstream.content.read(HELD_BODY_LIMIT_BYTES)
-        except CONNECT_ERRORS:
-            held_body = b""
+        held_body = await _read_held_body(upstream)
         held = HeldResponse(backend_id, upstream.status, CIMultiDict(upstream.headers), held_body)
-        raise AttemptFailed(backend_id, f"HTTP {upstream.status}: {_error_text(held_body)}", held)
+        raise AttemptFailed(backend_id, f"HTTP {upstream.status}: {error_text(held_body, upstream.status)}", held)
     try:
         first = await upstream.content.readany()
     except CONNECT_ERRORS as e:
@@ -271,7 +276,10 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, backend
                 raise ClientGone(response, str(e)) from e
     try:
         if midstream_error is not None:
-            await response.write(sse_error_event(midstream_error) if sse else ndjson_error_line(midstream_error))
+            if sse:
+                await response.write(sse_error_event(midstream_error, error_shape(request.path)))
+            else:
+                await response.write(ndjson_error_line(midstream_error))
         await response.write_eof()
     except (ConnectionError, aiohttp.ClientConnectionResetError) as e:
         raise ClientGone(response, str(e)) from e
@@ -279,15 +287,17 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, backend
     return Outcome(response, upstream.status, first_byte_s, final, midstream_error)
 
 
-def _error_text(body: bytes) -> str:
+async def _read_held_body(upstream: aiohttp.ClientResponse) -> bytes:
+    """The error reply's body, whole (up to HELD_BODY_LIMIT_BYTES) however many chunks it came in;
+    what arrived before a failure to read on."""
+    body = bytearray()
     try:
-        value = json.loads(body)
-    except ValueError:
-        return body.decode(errors="replace").strip()[:200]
-    if isinstance(value, Mapping):
-        error = value.get("error")
-        if isinstance(error, Mapping):
-            return str(error.get("message", ""))
-        if error is not None:
-            return str(error)
-    return body.decode(errors="replace")[:200]
+        while len(body) < HELD_BODY_LIMIT_BYTES:
+            chunk = await upstream.content.read(HELD_BODY_LIMIT_BYTES - len(body))
+            if not chunk:
+                break
+            body += chunk
+    except CONNECT_ERRORS:
+        pass
+    return bytes(body)
+

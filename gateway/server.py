@@ -4,14 +4,15 @@
         ...                                             # gw.url, gw.port, gw.app
         await gw.drain(timeout_s)                       # optional: drain now instead of on exit
 
-Leaving the block drains with `settings.drain_timeout_s`: stop accepting connections, let the
-requests in progress finish (streams included) for up to the timeout, cancel what is left, then
-stop the poller and close the upstream session. `corral up` runs it beside the launcher with a
-shared MemoryStore; `corral gateway` runs it alone.
+Leaving the block drains with `settings.drain_timeout_s`: stop accepting connections (and new
+requests on kept-alive ones), let the requests in progress finish (streams included) for up to the
+timeout, cancel what is left, then stop the poller and close the upstream session. `corral up`
+runs it beside the launcher with a shared MemoryStore; `corral gateway` runs it alone.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -66,6 +67,7 @@ class GatewayServer:
         self._app: web.Application | None = None
         self._port = 0
         self._drained: bool | None = None
+        self._accepting = False
 
     @property
     def app(self) -> web.Application:
@@ -77,6 +79,11 @@ class GatewayServer:
     def port(self) -> int:
         """The bound port (meaningful after start)."""
         return self._port
+
+    @property
+    def accepting(self) -> bool:
+        """True from start until a drain has closed the listener and every idle connection."""
+        return self._accepting
 
     @property
     def url(self) -> str:
@@ -110,6 +117,7 @@ class GatewayServer:
             raise
         self._runner = runner
         self._site = site
+        self._accepting = True
         log.info("gateway listening on %s (policy %s)", self.url, self.settings.policy)
 
     async def drain(self, timeout_s: float | None = None) -> bool:
@@ -125,6 +133,16 @@ class GatewayServer:
             await self._site.stop()
             self._site = None
         tracker = self.app[TRACKER]
+        if self._runner.server is not None:
+            # Kept-alive connections would go on taking new requests (clients pool them): close the
+            # idle ones now, the busy ones once their reply is sent.
+            await asyncio.sleep(0)  # requests already received get to their handlers first
+            for connection in self._runner.server.connections:
+                if tracker.is_busy(connection):
+                    connection.close()
+                else:
+                    connection.force_close()
+        self._accepting = False
         finished = await tracker.wait_idle(timeout)
         if not finished:
             log.warning("drain: %d requests still running after %.1fs; cancelling them", tracker.active, timeout)

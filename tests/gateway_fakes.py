@@ -50,6 +50,8 @@ class FakeOllama:
     chunk_delay_s: float = 0.0
     load_duration_ns: int = 5_000_000  # 5 ms: warm
     fail_status: int | None = None  # answer model calls with this status
+    fail_in_pieces: bool = False  # ...with the error body sent in two chunks, a moment apart
+    inventory_fails: bool = False  # /api/tags answers 500 (the gateway never learns what is installed)
     die_after_chunks: int | None = None  # drop the connection after this many chunks
     hold: asyncio.Event | None = None  # streams wait on it after their first chunk
     store: set[str] = field(default_factory=set)  # blobs
@@ -73,6 +75,7 @@ class FakeOllama:
         r.add_post("/api/chat", self.api_generate)
         r.add_post("/api/embed", self.api_embed)
         r.add_post("/v1/chat/completions", self.v1_chat)
+        r.add_post("/v1/messages", self.v1_chat)  # the gateway only relays its SSE; the dialect does not matter
         r.add_get("/v1/models", self.v1_models)
         r.add_get("/v1/models/{model:.+}", self.v1_model)
         r.add_post("/api/pull", self.api_pull)
@@ -131,6 +134,8 @@ class FakeOllama:
         }
 
     async def api_tags(self, request: web.Request) -> web.Response:
+        if self.inventory_fails:
+            return web.json_response({"error": "store unreadable"}, status=500)
         return web.json_response({"models": [self._tag(n) for n in self.models]})
 
     async def api_ps(self, request: web.Request) -> web.Response:
@@ -179,7 +184,7 @@ class FakeOllama:
         data = received.json()
         model = data["model"]
         if self.fail_status is not None:
-            return web.json_response({"error": f"{self.name} failing"}, status=self.fail_status)
+            return await self._fail(request)
         if model not in self.models:
             return web.json_response({"error": f"model '{model}' not found"}, status=404)
         self.resident.setdefault(model, data.get("options", {}).get("num_ctx", 4096))
@@ -218,6 +223,19 @@ class FakeOllama:
         except asyncio.CancelledError:
             self.cancelled.set()
             raise
+        return response
+
+    async def _fail(self, request: web.Request) -> web.StreamResponse:
+        body = json.dumps({"error": f"{self.name} failing"}).encode()
+        if not self.fail_in_pieces:
+            return web.json_response(body=body, status=self.fail_status)
+        response = web.StreamResponse(status=self.fail_status or 500, headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        half = len(body) // 2
+        await response.write(body[:half])
+        await asyncio.sleep(0.1)  # the first piece reaches the gateway on its own
+        await response.write(body[half:])
+        await response.write_eof()
         return response
 
     async def api_embed(self, request: web.Request) -> web.Response:
@@ -322,9 +340,22 @@ class FakeOllama:
         self.store.add(request.match_info["digest"])
         return web.Response(status=201, text=str(len(received.body)))
 
-    async def api_push(self, request: web.Request) -> web.Response:
-        await self._record(request)
-        return web.json_response({"status": "success"})
+    async def api_push(self, request: web.Request) -> web.StreamResponse:
+        received = await self._record(request)
+        if received.json().get("stream") is False:
+            return web.json_response({"status": "success"})
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        try:
+            for status in ("retrieving manifest", "pushing manifest", "success"):
+                await response.write(json.dumps({"status": status}).encode() + b"\n")
+                if self.hold is not None:
+                    await self.hold.wait()
+            await response.write_eof()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        return response
 
 
 # What the `fakes` fixture (tests/conftest.py) hands a test: start one more fake backend.

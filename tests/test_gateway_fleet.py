@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import logging
 from typing import Any
 
 import aiohttp
+import pytest
+from aiohttp import web
 
+from gateway import progress
+from gateway.app import create_app
+from gateway.appkeys import TRACKER
 from gateway.auth import ApiKeys
+from gateway.pool import LiveBackend
 from gateway.record import BackendRecord
 from gateway.server import GatewayServer
 from gateway.state import MemoryStore
-from tests.gateway_fakes import FakeOllama, MakeFake, fast_settings
+from tests.gateway_fakes import FakeOllama, MakeFake, fast_settings, wait_for
 
 
 def gateway(*backends: FakeOllama, gpus: dict[str, tuple[str, ...]] | None = None) -> GatewayServer:
@@ -148,3 +156,49 @@ async def test_create_and_push_reach_the_fleet(fakes: MakeFake, http: aiohttp.Cl
         async with http.post(gw.url + "/api/push", json={"model": "mine:1", "stream": False}) as resp:
             assert resp.status == 200
         assert len(a.calls("/api/push")) + len(b.calls("/api/push")) == 1
+
+
+async def test_a_pull_stream_that_nobody_reads_any_more_stops_when_cancelled(fakes: MakeFake) -> None:
+    """The merge stops reading when the client hangs up; each backend's reader must then end at
+    once, even with the queue between them full, or the request would never finish."""
+    fake = await fakes(name="a", pull_layers=20)
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=2)
+    backend = LiveBackend(record=BackendRecord(id="a", url=fake.url))
+    async with aiohttp.ClientSession() as session:
+        pump = asyncio.create_task(
+            progress._pump(session, backend, "/api/pull", b'{"model": "m:1"}', aiohttp.ClientTimeout(), queue)
+        )
+        await wait_for(queue.full)
+        pump.cancel()
+        done, _ = await asyncio.wait([pump], timeout=5)
+        while not pump.done():  # without the fix: unblock it, so the test fails instead of hanging
+            queue.get_nowait()
+            await asyncio.sleep(0.01)
+    assert done, "a cancelled pump stayed blocked on a queue nobody reads"
+
+
+async def test_a_client_hanging_up_on_a_push_is_not_a_gateway_error(
+    fakes: MakeFake, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    hold = asyncio.Event()
+    fake = await fakes(name="a", hold=hold)
+    app = create_app(fast_settings(fake.backend()), MemoryStore(), keys=ApiKeys())
+    # Without handler cancellation the hang-up shows as a failed write, the case under test.
+    runner = web.AppRunner(app, handler_cancellation=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        resp = await http.post(f"http://127.0.0.1:{port}/api/push", json={"model": "llama3.1:8b"})
+        assert json.loads(await resp.content.readline()) == {"status": "retrieving manifest"}
+        resp.close()
+        assert runner.server is not None
+        server = runner.server
+        await wait_for(lambda: all(c.transport is None for c in server.connections))  # it saw the hang-up
+        with caplog.at_level(logging.ERROR, logger="gateway"):
+            hold.set()
+            await wait_for(lambda: app[TRACKER].active == 0)
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    finally:
+        await runner.cleanup()

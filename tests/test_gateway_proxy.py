@@ -112,6 +112,17 @@ async def test_backend_dying_mid_stream_ends_with_an_error_line(fakes: MakeFake,
             assert resp.status == 200
 
 
+async def test_a_backend_that_keeps_dying_mid_stream_is_ejected(fakes: MakeFake, http: aiohttp.ClientSession) -> None:
+    dying = await fakes(name="g0", die_after_chunks=1)
+    async with gateway(dying, eject_after_failures=2, health_interval_s=30) as gw:
+        for _ in range(2):
+            async with http.post(gw.url + "/api/generate", json={"model": "llama3.1:8b", "prompt": "hi"}) as resp:
+                assert "error" in json.loads((await resp.read()).splitlines()[-1])
+        async with http.post(gw.url + "/api/generate", json={"model": "llama3.1:8b", "prompt": "hi"}) as resp:
+            assert resp.status == 503
+            assert "no healthy backend" in (await resp.json())["error"]
+
+
 async def test_5xx_before_first_byte_fails_over_with_the_same_body(
     fakes: MakeFake, http: aiohttp.ClientSession
 ) -> None:
@@ -157,6 +168,10 @@ async def test_backend_error_passes_through_when_no_backend_succeeds(
         ("POST", "/api/generate", b'{"model": "llama3.1:8b", "prompt": ', 400, "invalid JSON"),
         ("POST", "/api/generate", b"", 400, "missing request body"),
         ("POST", "/api/chat", b'{"messages": []}', 400, "model is required"),
+        ("POST", "/api/chat", b'{"model": "  ", "messages": []}', 400, "model is required"),
+        # Ollama's generate and embed handlers answer a missing model with their not-found reply.
+        ("POST", "/api/generate", b'{"prompt": "x"}', 404, "model '' not found"),
+        ("POST", "/api/embed", b'{"model": " ", "input": "x"}', 404, "model ' ' not found"),
         ("POST", "/api/generate", b'{"model": 7}', 400, "model"),
         ("POST", "/api/generate", b'{"model": "nope:1b", "prompt": "x"}', 404, "model 'nope:1b' not found"),
         ("POST", "/api/show", b'{"model": "nope"}', 404, "model 'nope' not found"),
@@ -185,6 +200,47 @@ async def test_openai_routes_get_openai_shaped_errors(fakes: MakeFake, http: aio
         async with http.post(gw.url + "/v1/embeddings", data=b"{") as resp:
             assert resp.status == 400
             assert (await resp.json())["error"]["type"] == "invalid_request_error"
+
+
+async def test_anthropic_route_gets_anthropic_shaped_errors(fakes: MakeFake, http: aiohttp.ClientSession) -> None:
+    fake = await fakes(name="g0", die_after_chunks=1)
+    async with gateway(fake) as gw:
+        for body, status, error_type in (
+            ({"max_tokens": 10, "messages": []}, 400, "invalid_request_error"),
+            ({"model": "nope", "max_tokens": 10, "messages": []}, 404, "not_found_error"),
+        ):
+            async with http.post(gw.url + "/v1/messages", json=body) as resp:
+                assert resp.status == status
+                reply = await resp.json()
+            assert reply["type"] == "error" and reply["error"]["type"] == error_type, reply
+        # A stream cut by the backend ends with Anthropic's error event, not OpenAI's data frame.
+        payload = {"model": "llama3.1:8b", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+        async with http.post(gw.url + "/v1/messages", json={**payload, "stream": True}) as resp:
+            frames = [f for f in (await resp.read()).decode().split("\n\n") if f.strip()]
+        event, data = frames[-1].split("\n")
+        assert event == "event: error"
+        assert json.loads(data.removeprefix("data: "))["error"]["type"] == "api_error"
+
+
+async def test_a_backend_error_sent_in_pieces_reaches_the_client_whole(
+    fakes: MakeFake, http: aiohttp.ClientSession
+) -> None:
+    fake = await fakes(name="g0", fail_status=500, fail_in_pieces=True)
+    gw = gateway(fake, retries=0)
+    async with gw, http.post(gw.url + "/api/generate", json={"model": "llama3.1:8b", "prompt": "hi"}) as resp:
+        assert resp.status == 500
+        assert await resp.json() == {"error": "g0 failing"}
+
+
+async def test_model_names_nobody_has_stay_out_of_metric_labels(fakes: MakeFake, http: aiohttp.ClientSession) -> None:
+    fake = await fakes(name="g0", inventory_fails=True)  # the gateway cannot tell which models exist
+    async with gateway(fake) as gw:
+        async with http.post(gw.url + "/api/generate", json={"model": "made-up-name:1", "prompt": "hi"}) as resp:
+            assert resp.status == 404  # the backend's own answer
+        async with http.get(gw.url + "/metrics") as resp:
+            text = await resp.text()
+    assert 'corral_request_duration_seconds_count{backend="g0",model="other"} 1.0' in text
+    assert "made-up-name" not in text
 
 
 async def test_oversized_body_is_refused_with_413(fakes: MakeFake, http: aiohttp.ClientSession) -> None:
