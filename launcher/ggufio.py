@@ -326,6 +326,8 @@ def _opened(source: str | os.PathLike[str] | BinaryIO, mode: str) -> Iterator[Bi
             raise GGUFError(f"{os.fspath(source)}: no such file") from None
         except IsADirectoryError:
             raise GGUFError(f"{os.fspath(source)}: is a directory, not a GGUF file") from None
+        except OSError as exc:  # permissions, a symlink loop, an I/O error: still "cannot read it"
+            raise GGUFError(f"{os.fspath(source)}: {exc.strerror or exc}") from None
     else:
         yield source
 

@@ -285,3 +285,13 @@ def test_unknown_model_names_everything_tried(tmp_path: Path) -> None:
     assert f"api-show: http://127.0.0.1:{port}/api/show unreachable" in message
     assert message.endswith("catalog: not in the built-in catalog)")
     assert isinstance(excinfo.value, LookupError)
+
+
+def test_a_blob_that_cannot_be_opened_falls_through_with_its_reason(tmp_path: Path) -> None:
+    blob = _install(tmp_path, "llama3.1:8b", b"GGUF", declared_size=5 * GB)
+    blob.unlink()
+    blob.symlink_to(blob)  # a loop: open() fails with ELOOP, which is neither "missing" nor "a directory"
+    found = lookup_model("llama3.1:8b", models_dir=tmp_path)
+    assert found.source == "catalog"
+    assert found.skipped[0].startswith(f"store: installed in {tmp_path}, but its model blob is unreadable: ")
+    assert "Too many levels of symbolic links" in found.skipped[0]

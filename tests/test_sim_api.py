@@ -216,7 +216,7 @@ def test_generate_not_streamed(client: ollama.Client) -> None:
     r = client.generate(model="llama3.1:8b", prompt="Why is the sky blue?", options={"temperature": 0})
     assert r.done and r.done_reason == "stop" and r.response
     assert r.model == "llama3.1:8b"
-    assert RFC3339_UTC.match(str(r.created_at)) or r.created_at
+    assert RFC3339_UTC.match(str(r.created_at))
     assert r.eval_count and 20 <= r.eval_count <= 60
     assert r.prompt_eval_count and r.prompt_eval_count > 0
     assert isinstance(r.total_duration, int) and isinstance(r.eval_duration, int)
@@ -442,7 +442,9 @@ def test_a_gguf_uploaded_as_a_blob_becomes_a_model(sim: SimServer, client: ollam
         "phi3.attention.head_count": 32,
         "phi3.attention.head_count_kv": 32,
         "phi3.vocab_size": 32064,
-        "tokenizer.ggml.tokens": [f"t{i}" for i in range(10)],
+        "tokenizer.ggml.tokens": [f"t{i}" for i in range(2000)],
+        "tokenizer.ggml.token_type": [1, 1],
+        "phi3.rope.scaling.factors": [],
     }
     data = encode_gguf_metadata(metadata)
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -451,7 +453,13 @@ def test_a_gguf_uploaded_as_a_blob_becomes_a_model(sim: SimServer, client: ollam
     assert statuses[0] == "parsing GGUF" and statuses[-1] == "success"
     shown = client.show("my-phi")
     assert shown.modelinfo["general.architecture"] == "phi3"
-    assert shown.modelinfo["tokenizer.ggml.tokens"] == []  # long arrays are elided, as Ollama does
+    # Ollama reads a non-verbose show's arrays with maxArraySize 0: every non-empty one comes back null.
+    assert shown.modelinfo["tokenizer.ggml.tokens"] is None
+    assert shown.modelinfo["tokenizer.ggml.token_type"] is None
+    assert shown.modelinfo["phi3.rope.scaling.factors"] == []
+    verbose = sim.json("POST", "/api/show", {"model": "my-phi", "verbose": True})["model_info"]
+    assert verbose["tokenizer.ggml.tokens"] == [f"t{i}" for i in range(2000)]  # verbose: all of them
+    assert verbose["tokenizer.ggml.token_type"] == [1, 1]
     assert shown.details.parameter_size == "3.8B" and shown.details.quantization_level == "Q4_K_M"
     reply = client.generate(model="my-phi", prompt="hello", options={"num_predict": 4})
     assert reply.eval_count == 4
@@ -476,3 +484,109 @@ def test_create_with_quantize(client: ollama.Client) -> None:
     with pytest.raises(ollama.ResponseError) as e:
         client.create("llama-q8", from_="llama3.1:8b", quantize="q8_0")
     assert (e.value.status_code, e.value.error) == (500, "quantization is only supported for F16, BF16 and F32 models")
+
+
+def test_a_bad_format_fails_after_loading_and_frees_the_model(sim: SimServer, client: ollama.Client) -> None:
+    """The runner rejects the format (500, as llama-server's Completion does); the request still ends, so
+    keep_alive 0 unloads the model instead of leaving it pinned by a request that never finished."""
+    body = {"model": "qwen2.5:0.5b", "prompt": "x", "format": "yaml", "keep_alive": 0, "stream": False}
+    status, ctype, data = raw(sim, "POST", "/api/generate", json.dumps(body).encode())
+    assert (status, ctype) == (500, "application/json; charset=utf-8")
+    assert json.loads(data) == {"error": 'invalid format: "\\"yaml\\""; expected "json" or a valid JSON Schema object'}
+    sim.wait_for(lambda s: "qwen2.5:0.5b" not in [m["model"] for m in s.ps()])
+
+
+def test_create_refuses_a_license_that_is_not_text_like_ollama(sim: SimServer) -> None:
+    """createModel re-decodes a non-string license into []string: anything else fails with Go's error."""
+    for license_value, error in (
+        (5, "json: cannot unmarshal number into Go value of type []string"),
+        (["fine", {"a": 1}], "json: cannot unmarshal object into Go value of type string"),
+    ):
+        body = {"model": "lic", "from": "qwen2.5:0.5b", "license": license_value, "stream": False}
+        status, ctype, data = raw(sim, "POST", "/api/create", json.dumps(body).encode())
+        assert (status, ctype, json.loads(data)) == (500, "application/json", {"error": error})
+    assert "lic:latest" not in [m["model"] for m in sim.json("GET", "/api/tags")["models"]]
+
+
+def test_a_malformed_schema_still_gets_a_json_answer(client: ollama.Client) -> None:
+    odd = {"type": "object", "properties": ["name"], "enum": "x", "items": 3}
+    reply = client.generate(model="llama3.1:8b", prompt="x", format=odd, options={"num_predict": 200})
+    assert isinstance(json.loads(reply.response), dict)
+    listed = client.generate(model="llama3.1:8b", prompt="x", format={"type": "array", "items": "x"})
+    assert isinstance(json.loads(listed.response), list)
+
+
+def test_host_check_and_cors_details(sim: SimServer) -> None:
+    # Only a Host allowed by name answers a preflight itself; an IP Host passes through to the router,
+    # which has no OPTIONS route (allowedHostsMiddleware).
+    assert raw(sim, "OPTIONS", "/", headers={"Host": "localhost"})[0] == 204
+    assert raw(sim, "OPTIONS", "/", headers={"Host": "127.0.0.1:11434"})[0] == 405
+    # net.SplitHostPort needs a port: a bracketed address without one is neither an IP nor a local name.
+    assert raw(sim, "GET", "/", headers={"Host": "[::1]"})[0] == 403
+    # gin-contrib/cors: an Origin naming the Host itself is not a cross-origin request.
+    same = {"Host": "10.9.9.9:1234", "Origin": "http://10.9.9.9:1234"}
+    assert raw(sim, "GET", "/", headers=same)[0] == 200
+    assert raw(sim, "GET", "/", headers={"Host": "127.0.0.1", "Origin": "http://10.9.9.9:1234"})[0] == 403
+
+
+def test_openai_reasoning_effort_and_stop_types(sim: SimServer, oai: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "x"}]
+    with pytest.raises(openai.BadRequestError) as no_think:
+        oai.chat.completions.create(model="llama3.1:8b", messages=messages, reasoning_effort="high")
+    assert no_think.value.body["message"] == '"llama3.1:8b" does not support thinking'
+    off = oai.chat.completions.create(model="llama3.1:8b", messages=messages, reasoning_effort="none", max_tokens=2)
+    assert off.choices[0].finish_reason == "length"  # think false is fine on any model
+    body = {"model": "llama3.1:8b", "messages": messages, "reasoning": {"effort": "lots"}}
+    status, _, data = raw(sim, "POST", "/v1/chat/completions", json.dumps(body).encode())
+    assert status == 400
+    assert json.loads(data)["error"]["message"] == (
+        'invalid reasoning value: "lots" (must be "minimal", "low", "medium", "high", "xhigh", "ultra", "max", '
+        'or "none")'
+    )
+    body = {"model": "llama3.1:8b", "prompt": "x", "stop": ["ok", 1]}
+    status, _, data = raw(sim, "POST", "/v1/completions", json.dumps(body).encode())
+    assert (status, json.loads(data)["error"]["message"]) == (400, "invalid type for 'stop' field: float64")
+
+
+def test_conflicting_source_suffixes_are_a_400(sim: SimServer) -> None:
+    name = "llama3.1:8b:local:cloud"
+    expected = {"error": f'use either :local or :cloud, not both: "{name}"'}
+    for path, body in (
+        ("/api/generate", {"model": name, "prompt": "x"}),
+        ("/api/chat", {"model": name, "messages": []}),
+        ("/api/embed", {"model": name, "input": "x"}),
+        ("/api/embeddings", {"model": name, "prompt": "x"}),
+        ("/api/show", {"model": name}),
+        ("/api/pull", {"model": name}),
+    ):
+        status, _, data = raw(sim, "POST", path, json.dumps(body).encode())
+        assert (status, json.loads(data)) == (400, expected), path
+    local = sim.json("POST", "/api/generate", {"model": "llama3.1:8b:local", "prompt": "x", "stream": False})
+    assert local["done"] and local["model"] == "llama3.1:8b:local"
+
+
+def test_create_from_files_tells_a_projector_from_the_model(sim: SimServer, client: ollama.Client) -> None:
+    model = encode_gguf_metadata(
+        {
+            "general.architecture": "gemma3",
+            "general.file_type": 15,
+            "gemma3.block_count": 26,
+            "gemma3.context_length": 32768,
+            "gemma3.embedding_length": 1152,
+            "gemma3.attention.head_count": 4,
+            "gemma3.attention.head_count_kv": 1,
+        }
+    )
+    projector = encode_gguf_metadata(
+        {"general.architecture": "clip", "general.type": "mmproj", "clip.has_vision_encoder": True}
+    )
+    files = {}
+    for name, data in (("model.gguf", model), ("mmproj.gguf", projector)):  # the projector last
+        files[name] = "sha256:" + hashlib.sha256(data).hexdigest()
+        assert raw(sim, "POST", f"/api/blobs/{files[name]}", data)[0] == 201
+    statuses = [p.status for p in client.create("seeing", files=files, stream=True)]
+    assert statuses.count("parsing GGUF") == 2 and statuses[-1] == "success"
+    shown = client.show("seeing")
+    assert shown.modelinfo["general.architecture"] == "gemma3"
+    assert list(shown.capabilities or []) == ["completion", "vision"]
+    client.delete("seeing")

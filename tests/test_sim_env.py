@@ -82,6 +82,7 @@ def test_settings_defaults_and_vram_tier(tmp_path: Path) -> None:
     ("key", "value"),
     [
         ("OLLAMA_NUM_PARALLEL", "four"),
+        ("OLLAMA_MAX_QUEUE", "\u00b2"),  # a Unicode digit: str.isdigit() says yes, int() and Go say no
         ("OLLAMA_KEEP_ALIVE", "soon"),
         ("OLLAMA_KV_CACHE_TYPE", "q3"),
         ("OLLAMA_SCHED_SPREAD", "maybe"),

@@ -6,17 +6,24 @@ import asyncio
 import math
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from launcher.config import SimGpu
+from launcher.gguf import encode_gguf_metadata
 from launcher.gpus import simulated_inventory
 from launcher.sim.clock import ManualClock
+from launcher.sim.engine import DecodeEngine
+from launcher.sim.handlers_infer import load_key_for
+from launcher.sim.inference import RunnerStopped, embed_inputs
 from launcher.sim.models import InstalledModel, load_installed
+from launcher.sim.options import parse_options
+from launcher.sim.pull import PullManager
 from launcher.sim.runner import LoadKey, RunnerOptions
 from launcher.sim.scheduler import Lease, LoadFailed, QueueFull, Scheduler, SchedulerSettings
-from launcher.store import ModelStore
+from launcher.store import MEDIA_TYPE_CONFIG, MEDIA_TYPE_MODEL, Layer, ModelName, ModelStore
 from tests.simproc import install_models
 
 LOAD_S = 1.0  # with load_gbps this high, a load is the runner start (0.6 s) plus a little
@@ -179,7 +186,10 @@ async def test_max_loaded_models(store: ModelStore) -> None:
 async def test_queue_full_is_refused(store: ModelStore) -> None:
     sched, clock = await make(["RTX 4090"], max_queue=1, load_gbps=0.001)  # loads take a long while
     try:
-        llama, qwen = model(store, "llama3.1:8b"), model(store, "qwen2.5:7b")
+        llama, qwen, embed = model(store, "llama3.1:8b"), model(store, "qwen2.5:7b"), model(store, "nomic-embed-text")
+        first = asyncio.create_task(sched.acquire(embed, key(), keep_alive_s=None))
+        await clock.advance(1000)
+        (await asyncio.wait_for(first, 1)).release()
         loading = asyncio.create_task(sched.acquire(llama, key(), keep_alive_s=None))
         await clock.settle()  # the scheduler took it from the queue and is loading
         queued = asyncio.create_task(sched.acquire(qwen, key(), keep_alive_s=None))
@@ -188,6 +198,9 @@ async def test_queue_full_is_refused(store: ModelStore) -> None:
             await sched.acquire(qwen, key(), keep_alive_s=None)
         assert str(full.value) == "server busy, please try again.  maximum pending requests exceeded"
         # A request for a model already loaded never queues: it only waits for a slot.
+        warm = await asyncio.wait_for(sched.acquire(embed, key(), keep_alive_s=None), 1)
+        assert not warm.queued
+        warm.release()
         loading.cancel()
         queued.cancel()
     finally:
@@ -278,3 +291,141 @@ def test_installed_models_know_their_facts(store: ModelStore) -> None:
     assert embed.capabilities == ("embedding",)
     assert embed.num_parallel_cap == 1
     assert Path(store.blob_path(llama.key)).stat().st_size < 10_000  # a metadata-only stand-in
+
+
+async def test_queue_capacity_counts_like_ollamas_channel(store: ModelStore) -> None:
+    """OLLAMA_MAX_QUEUE is a buffered channel whose idle reader takes the first request at once: with
+    room for one, a burst of three arriving together gets one loading, one queued, one refused."""
+    sched, clock = await make(["RTX 4090"], max_queue=1, load_gbps=0.001)
+    try:
+        names = ("llama3.1:8b", "qwen2.5:7b", "mistral:7b")
+        burst = [asyncio.create_task(sched.acquire(model(store, n), key(), keep_alive_s=None)) for n in names]
+        await clock.settle()
+        assert [t.done() for t in burst] == [False, False, True]
+        assert isinstance(burst[2].exception(), QueueFull)
+        for task in burst[:2]:
+            task.cancel()
+    finally:
+        await sched.close()
+
+
+async def test_cpu_only_models_load_side_by_side(store: ModelStore) -> None:
+    """Ollama's pre-flight eviction check weighs GPU memory only (len(loadGpus) > 0): on the CPU a second
+    model loads beside the first while host memory holds both, and one is evicted once it does not."""
+    sched, clock = await make([], host_mem_bytes=12 * 1024**3)  # each of these needs ~4.6-5.1 GiB
+    try:
+        (await acquire(sched, clock, model(store, "llama3.1:8b"))).release()
+        (await acquire(sched, clock, model(store, "qwen2.5:7b"))).release()
+        assert len(sched.loaded) == 2 and sched.evictions == 0
+        (await acquire(sched, clock, model(store, "mistral:7b"))).release()  # a third would need ~14 GiB
+        assert len(sched.loaded) == 2 and sched.evictions == 1
+        assert "mistral:7b" in [r.model.name for r in sched.loaded.values()]
+    finally:
+        await sched.close()
+
+
+def _install_gguf(store: ModelStore, name: str, metadata: dict[str, object]) -> InstalledModel:
+    blob = store.write_blob(encode_gguf_metadata(metadata))
+    config = store.write_blob(b"{}")
+    store.write_manifest(name, Layer(MEDIA_TYPE_CONFIG, config, 2), [Layer(MEDIA_TYPE_MODEL, blob, 2 * 10**9)])
+    return model(store, name)
+
+
+def _llama_header(**extra: object) -> dict[str, object]:
+    return {
+        "general.architecture": "llama",
+        "general.file_type": 15,
+        "llama.block_count": 32,
+        "llama.context_length": 131072,
+        "llama.embedding_length": 4096,
+        "llama.attention.head_count": 32,
+        "llama.attention.head_count_kv": 8,
+        **extra,
+    }
+
+
+async def test_vision_models_are_recognised_and_get_at_least_2048_context(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    # Ollama reads these through f.KeyValue, which prefixes the architecture.
+    seeing = _install_gguf(store, "seeing:1b", _llama_header(**{"llama.vision.block_count": 24}))
+    hearing = _install_gguf(store, "hearing:1b", _llama_header(**{"llama.audio.block_count": 12}))
+    assert seeing.capabilities == ("completion", "vision")
+    assert hearing.capabilities == ("completion", "audio")
+    sched, clock = await make(["RTX 4090"])
+    try:
+        lease = await acquire(sched, clock, seeing, key(num_ctx=1024))
+        assert lease.runner.context_length == 2048  # multimodal models require at least 2048
+        lease.release()
+    finally:
+        await sched.close()
+
+
+def _opts(request: dict[str, Any], *, shift: bool | None = None, m: InstalledModel | None = None) -> LoadKey:
+    parsed = parse_options({}, request, default_num_ctx=4096, env_context_length=0)
+    return parsed.load_key if m is None else load_key_for(m, parsed, shift)
+
+
+async def test_every_runner_option_ollama_compares_forces_a_reload(store: ModelStore, one_4090: Pair) -> None:
+    sched, clock = one_4090
+    llama = model(store, "llama3.1:8b")
+    lease = await acquire(sched, clock, llama, _opts({}, m=llama))
+    runner = lease.runner
+    lease.release()
+    assert not runner.needs_reload(_opts({"num_gpu": -1, "temperature": 0.1}, m=llama))
+    assert runner.needs_reload(_opts({"draft_num_predict": 4}, m=llama))
+    assert runner.needs_reload(_opts({}, shift=False, m=llama))  # the context-shift flag is a launch argument
+    assert not runner.needs_reload(_opts({}, shift=True, m=llama))
+
+
+async def test_num_ctx_zero_is_clamped_not_defaulted(store: ModelStore, one_4090: Pair) -> None:
+    sched, clock = one_4090
+    lease = await acquire(sched, clock, model(store, "llama3.1:8b"), _opts({"num_ctx": 0}))
+    assert lease.runner.context_length == 4  # getRunner: opts.NumCtx < 4 -> 4
+    lease.release()
+
+
+async def test_a_closed_engine_produces_nothing() -> None:
+    """A request that was still waiting for a slot when its runner unloaded must not decode on it."""
+    clock = ManualClock()
+    engine = DecodeEngine(clock, step_s=lambda batch, ctx: 0.01, prefill_s=lambda n: 0.01)
+    await engine.close()
+
+    async def tokens() -> list[int]:
+        return [p.tokens async for p in engine.generate(10, 5)]
+
+    assert await asyncio.wait_for(tokens(), 1) == [-1]
+    assert engine.steps == 0
+
+
+async def test_embedding_on_a_runner_that_went_away_is_an_error(store: ModelStore) -> None:
+    sched, clock = await make(["RTX 4090"])
+    embed = model(store, "nomic-embed-text")
+    lease = await acquire(sched, clock, embed)
+    await sched.close()  # the server stops while the request holds its runner
+    service = SimpleNamespace(clock=clock)
+    with pytest.raises(RunnerStopped):
+        await asyncio.wait_for(embed_inputs(service, lease, embed, ["some text"]), 1)  # type: ignore[arg-type]
+
+
+async def test_closing_mid_load_leaves_no_timer_behind(store: ModelStore) -> None:
+    sched, clock = await make(["RTX 4090"], load_gbps=0.01)
+    task = asyncio.create_task(sched.acquire(model(store, "llama3.1:8b"), key(), keep_alive_s=None))
+    await clock.advance(1)
+    assert clock.pending == 1  # the load's simulated wait
+    await sched.close()
+    await clock.settle()
+    assert clock.pending == 0
+    assert task.cancelled()
+
+
+async def test_closing_mid_download_leaves_no_timer_behind(tmp_path: Path) -> None:
+    clock = ManualClock()
+    pulls = PullManager(ModelStore(tmp_path), clock, download_mbps=1.0)
+    progress = pulls.pull(ModelName.parse("qwen2.5:0.5b"))
+    assert await progress.__anext__() == {"status": "pulling manifest"}
+    first = await asyncio.wait_for(progress.__anext__(), 5)  # the model blob, 0 bytes in
+    assert first["status"].startswith("pulling ") and clock.pending == 1
+    await pulls.close()
+    await progress.aclose()
+    await clock.settle()
+    assert clock.pending == 0

@@ -12,6 +12,7 @@ import fnmatch
 import ipaddress
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Literal
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -21,7 +22,7 @@ from launcher.sim import handlers_infer as infer
 from launcher.sim import handlers_models as models
 from launcher.sim import openai_compat as openai
 from launcher.sim.clock import Clock
-from launcher.sim.env import ServeSettings
+from launcher.sim.env import ServeSettings, split_host_port
 from launcher.sim.handlers_infer import SERVICE
 from launcher.sim.service import SimService
 from launcher.sim.wire import json_response, text_response
@@ -56,23 +57,27 @@ def _local_ips() -> set[str]:
     return ips
 
 
-def host_allowed(host_header: str, local_ips: set[str]) -> bool:
-    """allowedHostsMiddleware's test for a server bound to loopback (routes.go)."""
-    host = host_header
-    if host.startswith("["):
-        host = host[1 : host.find("]")] if "]" in host else host
-    elif host.count(":") == 1:
-        host = host.rsplit(":", 1)[0]
+HostCheck = Literal["ip", "name", "refused"]
+
+
+def check_host(host_header: str, local_ips: set[str]) -> HostCheck:
+    """allowedHostsMiddleware's test for a server bound to loopback (routes.go): "ip" for a local or
+    private address (passed on as is), "name" for a local name (which also answers OPTIONS itself)."""
+    host, _port = split_host_port(host_header)
+    if host is None:
+        host = host_header  # no port: Go keeps the whole header, so "[::1]" is no address
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
         ip = None
-    if ip is not None:
-        return ip.is_loopback or ip.is_private or ip.is_unspecified or str(ip) in local_ips
+    if ip is not None and (ip.is_loopback or ip.is_private or ip.is_unspecified or str(ip) in local_ips):
+        return "ip"
     host = host.lower()
     if host in ("", "localhost") or host == socket.gethostname().lower():
-        return True
-    return any(host.endswith("." + tld) for tld in ("localhost", "local", "internal"))
+        return "name"
+    if any(host.endswith("." + tld) for tld in ("localhost", "local", "internal")):
+        return "name"
+    return "refused"
 
 
 def _is_loopback_bind(host: str) -> bool:
@@ -84,13 +89,14 @@ def _is_loopback_bind(host: str) -> bool:
 
 def make_middlewares(settings: ServeSettings) -> list[Middleware]:
     origins = allowed_origins(settings.origins)
-    check_host = _is_loopback_bind(settings.host)
+    loopback = _is_loopback_bind(settings.host)
     local_ips = _local_ips()
 
     @web.middleware
     async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get("Origin")
-        if not origin:
+        host = request.headers.get("Host", "")
+        if not origin or origin in (f"http://{host}", f"https://{host}"):  # not cross-origin
             return await handler(request)
         if not any(fnmatch.fnmatchcase(origin, pattern) for pattern in origins):
             return web.Response(status=403)
@@ -109,11 +115,11 @@ def make_middlewares(settings: ServeSettings) -> list[Middleware]:
 
     @web.middleware
     async def hosts(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if check_host:
-            host_header = request.headers.get("Host", "")
-            if not host_allowed(host_header, local_ips):
+        if loopback:
+            verdict = check_host(request.headers.get("Host", ""), local_ips)
+            if verdict == "refused":
                 return web.Response(status=403)
-            if request.method == "OPTIONS":
+            if verdict == "name" and request.method == "OPTIONS":
                 return web.Response(status=204)
         return await handler(request)
 

@@ -26,16 +26,18 @@ from launcher.gguf import (
     read_gguf_metadata,
     spec_from_gguf,
 )
-from launcher.sim.gojson import CREATE_REQUEST
+from launcher.sim.gojson import CREATE_REQUEST, json_kind
 from launcher.sim.handlers_infer import SERVICE, HandlerError, read_request
 from launcher.sim.service import ModelRefError, SimService, parse_model_ref
 from launcher.sim.wire import Items, StreamError, send_ndjson, wait_for_stream
 from launcher.store import (
+    MEDIA_TYPE_ADAPTER,
     MEDIA_TYPE_CONFIG,
     MEDIA_TYPE_LICENSE,
     MEDIA_TYPE_MESSAGES,
     MEDIA_TYPE_MODEL,
     MEDIA_TYPE_PARAMS,
+    MEDIA_TYPE_PROJECTOR,
     MEDIA_TYPE_SYSTEM,
     MEDIA_TYPE_TEMPLATE,
     InvalidDigest,
@@ -113,6 +115,38 @@ def _quantized(
     return quantized
 
 
+def _gguf_media_type(header: dict[str, object]) -> str:
+    """ggufLayersWithMediaType: an adapter, a projector (isProjectorGGUF) or the model itself."""
+    arch = header.get("general.architecture")
+    kind = header.get("general.type")
+
+    def count(key: str) -> int:
+        value = header.get(f"{arch}.{key}")
+        return value if isinstance(value, int) else 0
+
+    if kind == "adapter":
+        return MEDIA_TYPE_ADAPTER
+    if kind in ("projector", "mmproj") or (count("block_count") == 0 and count("vision.block_count") > 0):
+        return MEDIA_TYPE_PROJECTOR
+    encoder = header.get(f"{arch}.has_vision_encoder") is True or header.get(f"{arch}.has_audio_encoder") is True
+    if arch == "clip" and count("block_count") == 0 and encoder:
+        return MEDIA_TYPE_PROJECTOR
+    return MEDIA_TYPE_MODEL
+
+
+def _licenses(value: Any) -> list[str]:
+    """createModel's license handling: a non-empty string, or anything that decodes as []string (Go's
+    json error text otherwise, raised as ValueError)."""
+    if value is None or isinstance(value, str):
+        return [value] if value else []
+    if not isinstance(value, list):
+        raise ValueError(f"json: cannot unmarshal {json_kind(value)} into Go value of type []string")
+    for item in value:
+        if item is not None and not isinstance(item, str):
+            raise ValueError(f"json: cannot unmarshal {json_kind(item)} into Go value of type string")
+    return [item or "" for item in value]
+
+
 def _json_bytes(value: Any) -> bytes:
     return (json.dumps(value, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
 
@@ -155,8 +189,8 @@ async def _create(service: SimService, name: ModelName, body: dict[str, Any]) ->
             if isinstance(base_config, dict) and base_config.get(key):
                 config[key] = base_config[key]
     elif isinstance(body.get("files"), dict) and body["files"]:
-        yield {"status": "parsing GGUF"}
         for _path, digest in body["files"].items():
+            yield {"status": "parsing GGUF"}
             try:
                 blob = store.blob_path(str(digest))
             except InvalidDigest:
@@ -166,11 +200,12 @@ async def _create(service: SimService, name: ModelName, body: dict[str, Any]) ->
                 yield StreamError(f"open {blob}: no such file or directory")
                 return
             try:
-                await asyncio.to_thread(read_gguf_metadata, blob)
+                header = await asyncio.to_thread(read_gguf_metadata, blob)
             except GGUFError:
                 yield StreamError("supplied file was not in GGUF format", 400)
                 return
-            built.reuse(Layer(MEDIA_TYPE_MODEL, "sha256:" + blob.name[len("sha256-") :], blob.stat().st_size))
+            digest_text = "sha256:" + blob.name[len("sha256-") :]
+            built.reuse(Layer(_gguf_media_type(header), digest_text, blob.stat().st_size))
     else:
         yield StreamError("neither 'from' or 'files' was specified", 400)
         return
@@ -207,10 +242,13 @@ async def _create(service: SimService, name: ModelName, body: dict[str, Any]) ->
         built.put(MEDIA_TYPE_TEMPLATE, str(body["template"]).encode())
     if body.get("system"):
         built.put(MEDIA_TYPE_SYSTEM, str(body["system"]).encode())
-    licenses = body.get("license")
-    for text in [licenses] if isinstance(licenses, str) else (licenses or []):
-        if text:
-            built.put(MEDIA_TYPE_LICENSE, str(text).encode(), replace=False)
+    try:
+        licenses = _licenses(body.get("license"))
+    except ValueError as e:
+        yield StreamError(str(e))
+        return
+    for text in licenses:
+        built.put(MEDIA_TYPE_LICENSE, text.encode(), replace=False)
     params = dict(body.get("parameters") or {})
     existing_params = built.find(MEDIA_TYPE_PARAMS)
     if existing_params is not None:

@@ -57,13 +57,21 @@ class DecodeEngine:
         self._task: asyncio.Task[None] | None = None
         self.steps = 0  # decode steps run so far (tests read it)
         self.max_batch = 0  # the largest batch seen (tests read it)
+        self._closed = False
 
     @property
     def active(self) -> int:
         return len(self._sequences)
 
     async def generate(self, prompt_tokens: int, max_tokens: int) -> AsyncIterator[Progress]:
-        """Evaluate a prompt and then produce `max_tokens` tokens, yielding progress as it comes."""
+        """Evaluate a prompt and then produce `max_tokens` tokens, yielding progress as it comes.
+
+        On a closed engine (the runner unloaded while the request waited for a slot) the only
+        progress is the `tokens=-1` that says the runner is gone.
+        """
+        if self._closed:
+            yield Progress(-1, 0.0, 0.0)
+            return
         seq = _Sequence(prompt_tokens, max_tokens)
         self._sequences.append(seq)
         if self._task is None or self._task.done():
@@ -80,6 +88,7 @@ class DecodeEngine:
 
     async def close(self) -> None:
         """Stop the loop; sequences still running get a final `Progress` with tokens=-1 (runner gone)."""
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -103,7 +103,7 @@ def parse_ollama_host(value: str) -> tuple[str, str, int, str]:
     elif scheme == "https":
         default_port = "443"
     hostport, _, path = hostport.partition("/")
-    host, port = _split_host_port(hostport)
+    host, port = split_host_port(hostport)
     if host is None:
         host, port = "127.0.0.1", default_port
         bare = hostport.strip("[]")
@@ -121,7 +121,7 @@ def parse_ollama_host(value: str) -> tuple[str, str, int, str]:
     return scheme, host, number, path
 
 
-def _split_host_port(hostport: str) -> tuple[str | None, str]:
+def split_host_port(hostport: str) -> tuple[str | None, str]:
     """Go's net.SplitHostPort: "h:p", "[v6]:p"; anything else is an error (None)."""
     if hostport.startswith("["):
         end = hostport.find("]")
@@ -150,7 +150,7 @@ def _uint(environ: Mapping[str, str], key: str, default: int) -> int:
     raw = env_var(environ, key)
     if not raw:
         return default
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):  # strconv.ParseUint: ASCII digits only
         raise EnvError(key, f"must be a non-negative integer, got {raw!r}")
     return int(raw)
 

@@ -63,7 +63,7 @@ class BindError(Exception):
     """A request body gin would refuse; `str()` is Go's error text (always a 400)."""
 
 
-def _json_kind(value: Any) -> str:
+def json_kind(value: Any) -> str:
     """How Go's UnmarshalTypeError names a JSON value."""
     if isinstance(value, bool):
         return "bool"
@@ -86,7 +86,7 @@ _GO_TYPE_NAMES = {
 
 
 def _type_error(value: Any, where: str, kind: str) -> str:
-    return f"json: cannot unmarshal {_json_kind(value)} into Go struct field {where} of type {_GO_TYPE_NAMES[kind]}"
+    return f"json: cannot unmarshal {json_kind(value)} into Go struct field {where} of type {_GO_TYPE_NAMES[kind]}"
 
 
 def _check(value: Any, kind: str, where: str) -> str | None:
@@ -130,7 +130,7 @@ def _check(value: Any, kind: str, where: str) -> str | None:
                     return err
     if kind == "duration":
         if isinstance(value, bool) or not isinstance(value, int | float | str):
-            return f"Unsupported type: '{_go_type_of(value)}'"
+            return f"Unsupported type: '{go_type_of(value)}'"
         if isinstance(value, str):
             try:
                 parse_duration(value)
@@ -190,9 +190,14 @@ def parse_duration(text: str) -> float:
     return -total if neg else total
 
 
-def _go_type_of(value: Any) -> str:
+def go_type_of(value: Any) -> str:
+    """fmt's %T (or reflect.TypeOf) of a JSON value decoded into `any`."""
+    if value is None:
+        return "<nil>"
     if isinstance(value, bool):
         return "bool"
+    if isinstance(value, str):
+        return "string"
     if isinstance(value, list):
         return "[]interface {}"
     if isinstance(value, dict):
@@ -248,7 +253,7 @@ def bind(body: bytes, schema: Schema, type_name: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise BindError(f"json: cannot unmarshal {_json_kind(value)} into Go value of type api.{type_name}")
+        raise BindError(f"json: cannot unmarshal {json_kind(value)} into Go value of type api.{type_name}")
     out: dict[str, Any] = {}
     first_error: str | None = None
     for key, sub in value.items():

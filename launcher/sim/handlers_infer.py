@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -26,6 +27,7 @@ from launcher.sim.gojson import (
 from launcher.sim.inference import (
     CompletionCall,
     RequestClock,
+    RunnerStopped,
     check_format,
     completion_chunks,
     embed_inputs,
@@ -34,8 +36,9 @@ from launcher.sim.inference import (
 )
 from launcher.sim.models import InstalledModel, ModelLoadError
 from launcher.sim.options import OptionError, RequestOptions, keep_alive_seconds, parse_options
+from launcher.sim.runner import LoadKey
 from launcher.sim.scheduler import Lease, LoadFailed, QueueFull
-from launcher.sim.service import ModelRefError, SimService, parse_model_ref
+from launcher.sim.service import ModelRef, ModelRefError, SimService, parse_model_ref
 from launcher.sim.wire import StreamError, error_response, json_response, send_ndjson
 from launcher.store import ModelName
 
@@ -59,6 +62,16 @@ async def read_request(request: web.Request, schema: dict[str, str], type_name: 
         return bind(await request.read(), schema, type_name)
     except BindError as e:
         raise HandlerError(400, str(e)) from None
+
+
+def _model_ref(requested: str, *, required: tuple[int, str] | None = None) -> ModelRef:
+    """parseAndValidateModelRef + writeModelRefParseError: a bad reference is a 400 with its own text,
+    except a missing one, which gets the handler's `required` reply (default: 400 "model is required")."""
+    try:
+        return parse_model_ref(requested)
+    except ModelRefError as e:
+        status, message = required if required and e.kind == "required" else (400, str(e))
+        raise HandlerError(status, message) from None
 
 
 def _lookup(service: SimService, name: ModelName, not_found: str) -> InstalledModel:
@@ -91,11 +104,17 @@ def _capability_error(model: InstalledModel, wanted: list[str]) -> str | None:
     return f"{model.full_name} does not support {' '.join(missing)}"
 
 
+def load_key_for(model: InstalledModel, opts: RequestOptions, shift: bool | None) -> LoadKey:
+    """The runner a request needs: its options plus the context-shift flag (resolveContextShift)."""
+    return replace(opts.load_key, context_shift=model.supports_context_shift if shift is None else shift)
+
+
 async def _acquire(service: SimService, model: InstalledModel, opts: RequestOptions, body: dict[str, Any]) -> Lease:
     """scheduleRunner + handleScheduleError."""
     keep_alive = keep_alive_seconds(body.get("keep_alive"))
+    key = load_key_for(model, opts, body.get("shift"))
     try:
-        return await service.scheduler.acquire(model, opts.load_key, keep_alive_s=keep_alive)
+        return await service.scheduler.acquire(model, key, keep_alive_s=keep_alive)
     except QueueFull as e:
         raise HandlerError(503, str(e)) from None
     except LoadFailed as e:
@@ -149,11 +168,7 @@ async def start_generate(service: SimService, body: dict[str, Any], clock: Reque
     """Check and schedule a generate request: a reply (load/unload) or its chunks. Raises HandlerError."""
     _check_top_logprobs(body)
     requested = str(body.get("model") or "")
-    try:
-        ref = parse_model_ref(requested)
-    except ModelRefError as e:
-        status, message = (400, str(e)) if e.kind == "invalid" else (404, f"model '{requested}' not found")
-        raise HandlerError(status, message) from None
+    ref = _model_ref(requested, required=(404, f"model '{requested}' not found"))
     model = _lookup(service, ref.name, f"model '{requested}' not found")
     prompt = str(body.get("prompt") or "")
     if not prompt and _is_unload(body):
@@ -195,19 +210,9 @@ async def start_generate(service: SimService, body: dict[str, Any], clock: Reque
         json_format=json_format,
         chat=False,
         context_text=None if raw else rendered,
+        format_error=format_error,
     )
-    return await _chunks_or_error(completion_chunks(service, lease, clock, call), format_error)
-
-
-async def _chunks_or_error(chunks: Chunks, error: str | None) -> Chunks:
-    if error is None:
-        return chunks
-    await chunks.aclose()  # releases the lease
-    return _single_error(error)
-
-
-async def _single_error(message: str) -> Chunks:
-    yield StreamError(message)
+    return completion_chunks(service, lease, clock, call)
 
 
 async def _reply(request: web.Request, chunks: Chunks, *, stream: bool, chat: bool) -> web.StreamResponse:
@@ -236,10 +241,7 @@ async def start_chat(service: SimService, body: dict[str, Any], clock: RequestCl
     """Check and schedule a chat request: a reply (load/unload) or its chunks. Raises HandlerError."""
     _check_top_logprobs(body)
     requested = str(body.get("model") or "")
-    try:
-        ref = parse_model_ref(requested)
-    except ModelRefError as e:
-        raise HandlerError(400, "invalid model name" if e.kind == "invalid" else "model is required") from None
+    ref = _model_ref(requested)
     model = _lookup(service, ref.name, f"model '{requested}' not found")
     messages = [
         {**m, "role": str(m.get("role") or "").lower()} for m in (body.get("messages") or []) if isinstance(m, dict)
@@ -277,8 +279,9 @@ async def start_chat(service: SimService, body: dict[str, Any], clock: RequestCl
         chat=True,
         tools=tools,
         tool_turn=_is_tool_turn(messages),
+        format_error=format_error,
     )
-    return await _chunks_or_error(completion_chunks(service, lease, clock, call), format_error)
+    return completion_chunks(service, lease, clock, call)
 
 
 async def embed(request: web.Request) -> web.Response:
@@ -304,11 +307,7 @@ def _embed_inputs(raw: Any) -> list[str]:
 async def run_embed(service: SimService, body: dict[str, Any], clock: RequestClock) -> dict[str, Any]:
     """Check, schedule and run an embed request: the EmbedResponse. Raises HandlerError."""
     requested = str(body.get("model") or "")
-    try:
-        ref = parse_model_ref(requested)
-    except ModelRefError as e:
-        status, message = (400, str(e)) if e.kind == "invalid" else (404, f"model '{requested}' not found")
-        raise HandlerError(status, message) from None
+    ref = _model_ref(requested, required=(404, f"model '{requested}' not found"))
     inputs = _embed_inputs(body.get("input"))
     model = _lookup(service, ref.name, f'model "{requested}" not found, try pulling it first')
     opts = _options(service, model, body.get("options"), embedding="embedding" in model.capabilities)
@@ -328,10 +327,10 @@ async def run_embed(service: SimService, body: dict[str, Any], clock: RequestClo
         vectors, tokens, _seconds = await embed_inputs(
             service, lease, model, texts, dimensions=int(body.get("dimensions") or 0)
         )
+    except RunnerStopped as e:
+        raise HandlerError(400, str(e)) from None  # EmbedHandler answers any runner error with a 400
     finally:
         lease.release()
-    if lease.runner.unloaded and not vectors:
-        raise HandlerError(500, "model runner has unexpectedly stopped")
     total = clock.load_s + (service.clock.now() - clock.acquired_sim)
     reply: dict[str, Any] = {"model": requested, "embeddings": vectors}
     reply.update({k: v for k, v in (("total_duration", ns(total)), ("load_duration", ns(clock.load_s))) if v})
@@ -345,10 +344,7 @@ async def embeddings(request: web.Request) -> web.Response:
     try:
         body = await read_request(request, EMBEDDING_REQUEST, "EmbeddingRequest")
         requested = str(body.get("model") or "")
-        try:
-            ref = parse_model_ref(requested)
-        except ModelRefError as e:
-            raise HandlerError(400, "invalid model name" if e.kind == "invalid" else "model is required") from None
+        ref = _model_ref(requested)
         model = _lookup(service, ref.name, f'model "{requested}" not found, try pulling it first')
         opts = _options(service, model, body.get("options"), embedding="embedding" in model.capabilities)
         lease = await _acquire(service, model, opts, body)
@@ -357,6 +353,8 @@ async def embeddings(request: web.Request) -> web.Response:
             if not prompt:
                 return json_response({"embedding": []})
             vectors, _tokens, _s = await embed_inputs(service, lease, model, [prompt])
+        except RunnerStopped as e:
+            raise HandlerError(500, str(e)) from None
         finally:
             lease.release()
         return json_response({"embedding": vectors[0]})

@@ -20,7 +20,7 @@ from launcher.sim.gojson import (
     format_time,
 )
 from launcher.sim.handlers_infer import SERVICE, HandlerError, read_request
-from launcher.sim.models import InstalledModel, ModelLoadError
+from launcher.sim.models import InstalledModel, ModelLoadError, read_full_metadata
 from launcher.sim.runner import FOREVER_NS, Runner
 from launcher.sim.service import VERSION, ModelRefError, SimService, parse_model_ref
 from launcher.sim.wire import (
@@ -193,7 +193,10 @@ def modelfile(service: SimService, model: InstalledModel, system: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def show_response(service: SimService, model: InstalledModel, *, system: str = "", verbose: bool = False) -> dict:
+def show_response(
+    service: SimService, model: InstalledModel, *, system: str = "", full_metadata: dict[str, object] | None = None
+) -> dict:
+    """api.ShowResponse; `full_metadata` (the header with every array) makes it a verbose show."""
     system = system or model.system
     out: dict[str, Any] = {}
     license_text = "\n".join(model.license)
@@ -210,7 +213,7 @@ def show_response(service: SimService, model: InstalledModel, *, system: str = "
     out["details"] = model.details()
     if model.messages:
         out["messages"] = [{"role": m.get("role", ""), "content": m.get("content", "")} for m in model.messages]
-    out["model_info"] = model.model_info(verbose=verbose)
+    out["model_info"] = model.model_info(full_metadata=full_metadata)
     if model.capabilities:
         out["capabilities"] = list(model.capabilities)
     out["modified_at"] = format_datetime(model.manifest.modified_at)
@@ -235,7 +238,8 @@ async def show(request: web.Request) -> web.Response:
             raise HandlerError(500, str(e)) from None
         if model is None:
             raise HandlerError(404, f"model '{display}' not found")
-        reply = show_response(service, model, system=str(body.get("system") or ""), verbose=bool(body.get("verbose")))
+        full = await asyncio.to_thread(read_full_metadata, service.store, model) if body.get("verbose") else None
+        reply = show_response(service, model, system=str(body.get("system") or ""), full_metadata=full)
         return json_response(reply)
     except HandlerError as e:
         return e.response()
@@ -248,8 +252,8 @@ async def show(request: web.Request) -> web.Response:
 def _pull_name(raw: str) -> ModelName:
     try:
         return parse_model_ref(raw).name
-    except ModelRefError:
-        raise HandlerError(400, "invalid model name") from None
+    except ModelRefError as e:
+        raise HandlerError(400, str(e) if e.kind == "conflict" else "invalid model name") from None
 
 
 async def pull(request: web.Request) -> web.StreamResponse:

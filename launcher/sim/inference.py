@@ -32,6 +32,13 @@ RUNNER_STOPPED = (
 )
 
 
+class RunnerStopped(Exception):
+    """The runner unloaded under a request (the server is stopping); `str()` is Ollama's text."""
+
+    def __init__(self) -> None:
+        super().__init__(RUNNER_STOPPED)
+
+
 def ns(seconds: float) -> int:
     return max(round(seconds * 1e9), 0)
 
@@ -170,6 +177,7 @@ class CompletionCall:
     context_text: str | None = None  # generate: the prompt `context` encodes; None for raw or chat
     tools: Sequence[Any] = ()
     tool_turn: bool = False
+    format_error: str | None = None  # what the runner answers a bad `format` with, once the model is loaded
 
 
 def decide(service: SimService, call: CompletionCall) -> tuple[list[str], str, list[dict[str, Any]]]:
@@ -199,8 +207,15 @@ def decide(service: SimService, call: CompletionCall) -> tuple[list[str], str, l
 async def completion_chunks(
     service: SimService, lease: Lease, clock: RequestClock, call: CompletionCall
 ) -> AsyncGenerator[dict[str, Any] | StreamError, None]:
-    """The NDJSON chunks of a generate or chat request; releases the lease when done or abandoned."""
+    """The NDJSON chunks of a generate or chat request; releases the lease when done or abandoned.
+
+    The lease is released in this generator's `finally`, which only runs once it has started: callers
+    must iterate it (or let `send_ndjson` do so) rather than close it unstarted.
+    """
     try:
+        if call.format_error is not None:
+            yield StreamError(call.format_error)
+            return
         tokens, reason, tool_calls = decide(service, call)
         gen = Generation(prompt_tokens=call.prompt_tokens, done_reason=reason)
         visible = [] if tool_calls else tokens
@@ -257,7 +272,7 @@ def merge_chunks(chunks: Sequence[dict[str, Any]], *, chat: bool) -> dict[str, A
 async def embed_inputs(
     service: SimService, lease: Lease, model: InstalledModel, texts: Sequence[str], *, dimensions: int = 0
 ) -> tuple[list[list[float]], int, float]:
-    """Embed each text on a runner slot: (vectors, prompt tokens, simulated seconds)."""
+    """Embed each text on a runner slot: (vectors, prompt tokens, simulated seconds). Raises RunnerStopped."""
     vectors: list[list[float]] = []
     total_tokens = 0
     total_s = 0.0
@@ -266,6 +281,8 @@ async def embed_inputs(
         gen = Generation(prompt_tokens=textgen.count_tokens(text) + 2)
         async for _ in run_tokens(service, lease, gen, ()):
             pass
+        if gen.stopped:
+            raise RunnerStopped
         vec = textgen.embedding(model.key, text, model.spec.embedding_length)
         if 0 < dimensions < len(vec):
             vec = textgen.normalize(vec[:dimensions])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,15 +72,28 @@ class InstalledModel:
             if c not in caps:
                 caps.append(c)
 
-        pooling = any(k.endswith(".pooling_type") for k in self.gguf) if self.gguf else self.spec.embedding_only
+        # Ollama reads these keys through gguf's KeyValue, which prefixes the architecture. An encoder-only
+        # architecture whose file lacks pooling_type embeds too (spec.embedding_only says so).
+        arch = self.gguf.get("general.architecture")
+        pooling = f"{arch}.pooling_type" in self.gguf
         add("embedding" if pooling or self.spec.embedding_only else "completion")
-        if self.projector or "vision.block_count" in self.gguf:
+        if f"{arch}.vision.block_count" in self.gguf:
+            add("vision")
+        if f"{arch}.audio.block_count" in self.gguf:
+            add("audio")
+        if self.projector:
             add("vision")
         if ".Tools" in self.template:
             add("tools")
         if ".Suffix" in self.template:
             add("insert")
         return tuple(caps)
+
+    @property
+    def supports_context_shift(self) -> bool:
+        """sched.go supportsContextShift: every family but deepseek2."""
+        families = self.config.get("model_families")
+        return self.spec.family != "deepseek2" and not (isinstance(families, list) and "deepseek2" in families)
 
     @property
     def num_parallel_cap(self) -> int | None:
@@ -100,21 +114,37 @@ class InstalledModel:
             "quantization_level": self.config.get("file_type") or self.spec.quantization,
         }
 
-    def model_info(self, *, verbose: bool = False) -> dict[str, Any]:
+    def model_info(self, *, full_metadata: dict[str, object] | None = None) -> dict[str, Any]:
         """/api/show model_info: the GGUF key/values minus general.name and the chat template. A blob
-        without a readable GGUF header is described by the metadata its catalog entry would carry."""
-        source = self.gguf or gguf_metadata_for_spec(self.spec)
+        without a readable GGUF header is described by the metadata its catalog entry would carry.
+
+        Without `full_metadata` (a non-verbose show) every non-empty array is null: Ollama decodes the
+        header with maxArraySize 0, so it keeps no array values and marshals them as null. A verbose
+        show passes the header read with every array (`read_full_metadata`).
+        """
+        source = full_metadata or self.gguf or gguf_metadata_for_spec(self.spec)
         info: dict[str, Any] = {}
         for key, value in source.items():
             if key in ("general.name", "tokenizer.chat_template"):
                 continue
-            if isinstance(value, GGUFArray):
-                info[key] = []  # only its length was read: the header reader skips huge arrays
-            elif isinstance(value, list) and len(value) > 5 and not verbose:
-                info[key] = []
+            if full_metadata is None and isinstance(value, GGUFArray | list) and len(value) > 0:
+                info[key] = None
             else:
                 info[key] = value
         return dict(sorted(info.items()))
+
+
+def read_full_metadata(store: ModelStore, model: InstalledModel) -> dict[str, object] | None:
+    """The model blob's key/values with every array read in full (a verbose show), or None without a
+    readable GGUF header."""
+    if not model.gguf:
+        return None
+    if not any(isinstance(value, GGUFArray) for value in model.gguf.values()):
+        return model.gguf
+    try:
+        return read_gguf_metadata(store.blob_path(model.key), max_array_items=sys.maxsize)
+    except (GGUFError, OSError):
+        return None
 
 
 def _read_text(store: ModelStore, digest: str) -> str:

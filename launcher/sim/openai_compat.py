@@ -36,6 +36,7 @@ from launcher.sim.openai_wire import (
     response_format,
     sampling_options,
     stream_error,
+    think_from_effort,
     tool_calls,
     unix,
     usage,
@@ -61,6 +62,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         }
         if (fmt := response_format(req)) is not None:
             body["format"] = fmt
+        if (think := think_from_effort(req)) is not None:
+            body["think"] = think
         started = await start_chat(service, body, clock)
     except HandlerError as e:
         return openai_error(e.status, e.message)

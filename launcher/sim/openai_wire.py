@@ -4,12 +4,13 @@ bodies, usage, and the SSE writer. The handlers that use them are in `openai_com
 from __future__ import annotations
 
 import contextlib
+import json
 from datetime import datetime
 from typing import Any
 
 from aiohttp import web
 
-from launcher.sim.gojson import BindError, bind, encode
+from launcher.sim.gojson import BindError, bind, encode, go_type_of
 from launcher.sim.handlers_infer import HandlerError
 from launcher.sim.wire import JSON
 
@@ -64,7 +65,7 @@ def sampling_options(req: dict[str, Any], *, chat: bool) -> dict[str, Any]:
     elif isinstance(stop, list):
         if not chat and not all(isinstance(s, str) for s in stop):
             bad = next(s for s in stop if not isinstance(s, str))
-            raise HandlerError(400, f"invalid type for 'stop' field: {type(bad).__name__}")
+            raise HandlerError(400, f"invalid type for 'stop' field: {go_type_of(bad)}")
         options["stop"] = [s for s in stop if isinstance(s, str)]
     if req.get("max_tokens") is not None:
         options["num_predict"] = req["max_tokens"]
@@ -76,6 +77,27 @@ def sampling_options(req: dict[str, Any], *, chat: bool) -> dict[str, Any]:
             options[key] = req.get(key) or 0.0
     options["top_p"] = req["top_p"] if req.get("top_p") else 1.0
     return options
+
+
+_EFFORTS: dict[str, bool | str] = {
+    "none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high", "max": "max",
+    "xhigh": "max", "ultra": "max",
+}  # fmt: skip
+
+
+def think_from_effort(req: dict[str, Any]) -> bool | str | None:
+    """thinkFromReasoningEffort: `reasoning.effort` (else `reasoning_effort`) as an Ollama think value."""
+    reasoning = req.get("reasoning")
+    effort = reasoning.get("effort") if isinstance(reasoning, dict) else req.get("reasoning_effort")
+    if not effort:
+        return None
+    if not isinstance(effort, str) or effort not in _EFFORTS:
+        raise HandlerError(
+            400,
+            f"invalid reasoning value: {json.dumps(effort)} (must be "
+            '"minimal", "low", "medium", "high", "xhigh", "ultra", "max", or "none")',
+        )
+    return _EFFORTS[effort]
 
 
 def chat_messages(raw: list[Any]) -> list[dict[str, Any]]:

@@ -89,9 +89,15 @@ def parse_options(
             if key not in _KINDS or value is None:
                 continue
             values[key] = _decode(key, value)
-    num_ctx_auto = "num_ctx" not in values and env_context_length == 0
-    num_ctx = values.get("num_ctx", default_num_ctx) or default_num_ctx
-    num_batch_auto = "num_batch" not in values
+
+    # Ollama tells automatic values by the key's presence in either map (usesAutomaticNumCtx), and
+    # clamps an explicit num_ctx below 4 later (getRunner) rather than replacing it with the default.
+    def given(key: str) -> bool:
+        return key in model_params or key in request_options
+
+    num_ctx_auto = not given("num_ctx") and env_context_length == 0
+    num_ctx = values.get("num_ctx", default_num_ctx)
+    num_batch_auto = not given("num_batch")
     num_batch = values.get("num_batch", 512)
     if embedding and num_batch_auto:
         num_batch = min(DEFAULT_EMBEDDING_NUM_BATCH, num_ctx) if num_ctx > 0 else DEFAULT_EMBEDDING_NUM_BATCH
@@ -103,6 +109,7 @@ def parse_options(
         main_gpu=values.get("main_gpu"),
         use_mmap=values.get("use_mmap"),
         num_thread=values.get("num_thread", 0),
+        draft_num_predict=values.get("draft_num_predict", 0),
     )
     return RequestOptions(
         runner=runner,

@@ -72,10 +72,13 @@ class PullManager:
             seconds = dl.blob.declared_size / self.download_bytes_per_s
             start = self.clock.now()
             sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
-            while not sleeper.done():
-                await asyncio.wait({sleeper}, timeout=PROGRESS_INTERVAL_WALL_S)
-                elapsed = self.clock.now() - start
-                dl.completed = min(dl.blob.declared_size, int(elapsed * self.download_bytes_per_s))
+            try:
+                while not sleeper.done():
+                    await asyncio.wait({sleeper}, timeout=PROGRESS_INTERVAL_WALL_S)
+                    elapsed = self.clock.now() - start
+                    dl.completed = min(dl.blob.declared_size, int(elapsed * self.download_bytes_per_s))
+            finally:
+                sleeper.cancel()  # a no-op once it finished; on close it stops the simulated wait too
             await asyncio.to_thread(self.store.write_blob, dl.blob.data)
             dl.completed = dl.blob.declared_size
         except BaseException as e:

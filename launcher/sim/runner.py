@@ -8,8 +8,7 @@ rules that belong to one runner: whether a request's load-time options force a r
 from __future__ import annotations
 
 import asyncio
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from launcher.perf import Placement
 from launcher.sim.clock import TimerHandle
@@ -30,6 +29,7 @@ class RunnerOptions:
     main_gpu: int | None = None
     use_mmap: bool | None = None
     num_thread: int = 0
+    draft_num_predict: int = 0  # 0 unless asked for: no simulated model has a draft model
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class LoadKey:
     opts: RunnerOptions
     num_ctx_auto: bool = False  # num_ctx came from the VRAM-tier default
     num_batch_auto: bool = True  # num_batch came from the default
+    context_shift: bool = True  # llama-server's --context-shift: the request's `shift`, else the model's default
 
 
 @dataclass
@@ -93,18 +94,19 @@ class Runner:
             self.timer = None
 
     def eviction_order(self) -> tuple[float, str]:
-        """ByDurationAndName: shortest keep-alive first ("forever" last), then by model file path."""
-        duration = math.inf if self.session_s == math.inf else self.session_s
-        return (duration, self.key)
+        """ByDurationAndName: shortest keep-alive first ("forever", math.inf, last), then by model file."""
+        return (self.session_s, self.key)
 
     def needs_reload(self, request: LoadKey) -> bool:
         """True when serving `request` needs this model loaded with other runner options (sched.go)."""
+        if self.load.context_shift != request.context_shift:
+            return True
         old, new = self.load.opts, request.opts
         new_ctx = min(new.num_ctx, self.model.spec.context_length) if self.model.spec.context_length else new.num_ctx
         if self.load.num_ctx_auto and request.num_ctx_auto:
             new_ctx = old.num_ctx
         new_batch = old.num_batch if self.load.num_batch_auto and request.num_batch_auto else new.num_batch
         old_gpu, new_gpu = (-1, -1) if new.num_gpu < 0 else (old.num_gpu, new.num_gpu)
-        before = (old.num_ctx, old.num_batch, old_gpu, old.main_gpu, old.use_mmap, old.num_thread)
-        after = (new_ctx, new_batch, new_gpu, new.main_gpu, new.use_mmap, new.num_thread)
+        before = replace(old, num_gpu=old_gpu)
+        after = replace(new, num_ctx=new_ctx, num_batch=new_batch, num_gpu=new_gpu)
         return before != after

@@ -141,14 +141,14 @@ class Scheduler:
 
     async def acquire(self, model: InstalledModel, key: LoadKey, *, keep_alive_s: float | None) -> Lease:
         """Get a runner for `model` (loading it if needed). Raises QueueFull or LoadFailed."""
-        opts = key.opts
-        if opts.num_ctx < 4:
-            key = replace(key, opts=replace(opts, num_ctx=4))
+        # getRunner's floors: any context of at least 4 tokens, and 2048 for multimodal models.
+        floor = 2048 if "vision" in model.capabilities else 4
+        if key.opts.num_ctx < floor:
+            key = replace(key, opts=replace(key.opts, num_ctx=floor))
         runner = self.loaded.get(model.key)
         if runner is not None and not runner.needs_reload(key):
             return self._use(runner, keep_alive_s, queued=False)
-        capacity = self.settings.max_queue
-        if len(self._pending) >= capacity and not (capacity == 0 and not self._busy and not self._pending):
+        if not self._queue_has_room():
             raise QueueFull
         future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(model, key, keep_alive_s, future))
@@ -160,6 +160,17 @@ class Scheduler:
             if future.done() and not future.cancelled() and future.exception() is None:
                 future.result().release()
             raise
+
+    def _queue_has_room(self) -> bool:
+        """Whether Ollama's non-blocking send into pendingReqCh (capacity OLLAMA_MAX_QUEUE) would succeed.
+
+        An idle processPending is parked on the channel and takes a request the moment it is sent, so
+        the head of `_pending` is not in the channel while the loop is idle (it only has not run yet).
+        """
+        if not self._busy and not self._pending:
+            return True  # the reader is waiting: even an unbuffered channel accepts
+        in_channel = len(self._pending) - (0 if self._busy else 1)
+        return in_channel < self.settings.max_queue
 
     def _use(self, runner: Runner, keep_alive_s: float | None, *, queued: bool) -> Lease:
         """useLoadedRunner: one more reference, timer stopped, keep-alive overwritten."""
@@ -311,11 +322,15 @@ class Scheduler:
             candidates = [candidates[main_gpu]]
         loaded_cpu = sum(r.cpu_bytes for r in self.loaded.values())
         host_free = self.settings.host_mem_bytes - loaded_cpu
-        if not require_full:
+        if not require_full or not candidates:
+            # Alone, Ollama always starts the runner and lets llama.cpp offload what does not fit. On the
+            # CPU (no card visible, or num_gpu 0) its pre-flight check is skipped (len(loadGpus) > 0), so
+            # a model loads beside the others as long as host memory holds it; otherwise one is evicted.
             placement = ollama_placement(spec, opts, candidates, spread=self.settings.sched_spread, allow_cpu=True)
-            if placement is None or placement.cpu_bytes > host_free:
+            fits = placement is not None and placement.cpu_bytes <= host_free
+            if not require_full and not fits:
                 raise LoadFailed(HOST_OOM_ERROR)
-            return placement
+            return placement if fits else None
         placement = ollama_placement(spec, opts, candidates, spread=self.settings.sched_spread, allow_cpu=False)
         if placement is None:
             return None
@@ -362,12 +377,15 @@ class Scheduler:
             seconds,
         )
         sleeper: asyncio.Future[None] = asyncio.ensure_future(self.clock.sleep(seconds))
-        waiting: set[asyncio.Future[Any]] = {sleeper, pending.future}
-        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        if pending.future.done():  # the client went away: Ollama's load aborts with its context
-            sleeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sleeper
+        try:
+            waiting: set[asyncio.Future[Any]] = {sleeper, pending.future}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # the client went away (Ollama's load aborts with its context), or the scheduler stops
+            if not sleeper.done():
+                sleeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sleeper
+        if pending.future.done():
             return
         keep_alive = pending.keep_alive_s if pending.keep_alive_s is not None else self.settings.default_keep_alive_s
         runner = Runner(

@@ -7,6 +7,7 @@ One `SimService` per `corral-sim serve` process, created by the app factory and 
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 from dataclasses import dataclass
 
@@ -34,8 +35,21 @@ class ModelRef:
     name: ModelName
 
 
+def _source_suffix(text: str) -> tuple[str, str]:
+    """modelref.parseSourceSuffix: (base, "local" | "cloud" | "") for an explicit source suffix."""
+    head, sep, suffix_raw = text.rpartition(":")
+    if not sep:
+        return text, ""
+    suffix = suffix_raw.strip().lower()
+    if suffix in ("local", "cloud"):
+        return head, suffix
+    if "/" not in suffix_raw and suffix.endswith("-cloud"):
+        return f"{head}:{suffix_raw.strip()[: -len('-cloud')]}", "cloud"
+    return text, ""
+
+
 def parse_model_ref(raw: str) -> ModelRef:
-    """parseAndValidateModelRef: trim, drop an explicit ":local", refuse empty and invalid names.
+    """parseAndValidateModelRef: trim, drop an explicit ":local", refuse empty, conflicting and invalid names.
 
     A ":cloud" source would go to ollama.com, which a simulated backend cannot reach: such names
     are treated like any other (and are not installed). Raises ModelRefError.
@@ -43,10 +57,11 @@ def parse_model_ref(raw: str) -> ModelRef:
     text = (raw or "").strip()
     if not text:
         raise ModelRefError("required", "model is required")
-    base = text
-    head, sep, suffix = text.rpartition(":")
-    if sep and suffix.strip().lower() == "local":
-        base = head
+    base, source = _source_suffix(text)
+    if source and _source_suffix(base)[1]:
+        raise ModelRefError("conflict", f"use either :local or :cloud, not both: {json.dumps(text)}")
+    if source != "local":
+        base = text
     name = ModelName.parse(base)
     if not name.is_valid:
         raise ModelRefError("invalid", "invalid model name")

@@ -118,16 +118,20 @@ def _cut_at_stop(tokens: Sequence[str], stop: Sequence[str]) -> list[str] | None
 
 
 def _json_value(rng: random.Random, schema: Any, depth: int = 0) -> Any:
-    kind = schema.get("type") if isinstance(schema, dict) else None
+    """A value for `schema`; parts of a schema that are not what JSON Schema allows there are ignored."""
+    if not isinstance(schema, dict):
+        schema = {}
+    kind = schema.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "string")
-    if isinstance(schema, dict) and "enum" in schema and schema["enum"]:
-        return rng.choice(schema["enum"])
-    if kind == "object" or (isinstance(schema, dict) and "properties" in schema):
-        props = schema.get("properties") or {} if isinstance(schema, dict) else {}
-        return {k: _json_value(rng, v, depth + 1) for k, v in props.items()}
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum:
+        return rng.choice(enum)
+    if kind == "object" or "properties" in schema:
+        props = schema.get("properties")
+        return {str(k): _json_value(rng, v, depth + 1) for k, v in (props if isinstance(props, dict) else {}).items()}
     if kind == "array":
-        items = schema.get("items", {"type": "string"}) if isinstance(schema, dict) else {}
+        items = schema.get("items", {"type": "string"})
         return [_json_value(rng, items, depth + 1) for _ in range(rng.randint(1, 3))]
     if kind == "integer":
         return rng.randint(0, 100)
