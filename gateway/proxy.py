@@ -300,4 +300,3 @@ async def _read_held_body(upstream: aiohttp.ClientResponse) -> bytes:
     except CONNECT_ERRORS:
         pass
     return bytes(body)
-
