@@ -53,7 +53,7 @@ def gateway_process(
     config.write_text("\n".join(lines) + "\n")
     log = (workdir / "gateway.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", "gateway", "--config", str(config)],
+        [sys.executable, "-m", "launcher.commands.cli", "gateway", "--config", str(config)],
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import free_port, gateway_process, stop, wait_http  # noqa: E402 - the repo root must be importable first
-from tests.simproc import SimServer  # noqa: E402
+from launcher.sim.harness import SimServer  # noqa: E402
 
 MODEL = "qwen2.5:0.5b"
 SMALL_CHAT = {

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.overhead import gateway_process  # noqa: E402 - the repo root must be importable first
-from tests.simproc import SimServer, install_models  # noqa: E402
+from launcher.sim.harness import SimServer, install_models  # noqa: E402
 
 CARDS = ["RTX 4090", "RTX 4090", "RTX 3090", "RTX 3090"]
 # (model, relative popularity): the everyday model, two common ones, two occasional bigger ones.

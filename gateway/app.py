@@ -21,22 +21,23 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from gateway import appkeys, fleet
-from gateway.admission import WaitQueues
-from gateway.auth import ApiKeys, auth_middleware, load_keys
+from gateway import appkeys
+from gateway.api import fleetwide as fleet
+from gateway.api.admission import WaitQueues
+from gateway.api.auth import ApiKeys, auth_middleware, load_keys
+from gateway.api.cors import OriginPolicy, add_cors_headers, cors_middleware
+from gateway.api.dispatch import handle_model_call
+from gateway.api.errors import error_for, method_not_allowed_page, not_found_page
+from gateway.api.lifecycle import RequestTracker
+from gateway.api.status import status
 from gateway.config import GatewaySettings, StaticBackend
-from gateway.cors import OriginPolicy, add_cors_headers, cors_middleware
-from gateway.dispatch import handle_model_call
-from gateway.errors import error_for, method_not_allowed_page, not_found_page
-from gateway.inflight import InFlight
-from gateway.lifecycle import RequestTracker
+from gateway.fleet.inflight import InFlight
+from gateway.fleet.poller import Poller
+from gateway.fleet.pool import BackendPool
 from gateway.metrics import FleetCollector, Metrics, metrics_response
-from gateway.poller import Poller
-from gateway.pool import BackendPool
 from gateway.record import BackendKind, BackendRecord
-from gateway.routing import make_policy
-from gateway.state import StateStore
-from gateway.status import status
+from gateway.routing.policy import make_policy
+from gateway.state.memory import StateStore
 
 log = logging.getLogger(__name__)
 

@@ -9,16 +9,16 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-from gateway.admission import WaitQueues
-from gateway.auth import ApiKeys
+from gateway.api.admission import WaitQueues
+from gateway.api.auth import ApiKeys
+from gateway.api.lifecycle import RequestTracker
 from gateway.config import GatewaySettings
-from gateway.inflight import InFlight
-from gateway.lifecycle import RequestTracker
+from gateway.fleet.inflight import InFlight
+from gateway.fleet.poller import Poller
+from gateway.fleet.pool import BackendPool
 from gateway.metrics import Metrics
-from gateway.poller import Poller
-from gateway.pool import BackendPool
-from gateway.routing import Policy
-from gateway.state import StateStore
+from gateway.routing.policy import Policy
+from gateway.state.memory import StateStore
 
 SETTINGS = web.AppKey("corral_settings", GatewaySettings)
 STORE: web.AppKey[StateStore] = web.AppKey("corral_store")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from gateway.strictconf import KNOWN_SECTIONS, ConfigError, decode, load_toml, reject_unknown_sections
+from launcher.facts.strictconf import KNOWN_SECTIONS, ConfigError, decode, load_toml, reject_unknown_sections
 
 Policy = Literal["residency", "round-robin", "least-busy", "random"]
 

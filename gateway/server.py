@@ -20,11 +20,11 @@ from types import TracebackType
 
 from aiohttp import web
 
+from gateway.api.auth import ApiKeys, check_listen_allowed, load_keys
 from gateway.app import create_app
 from gateway.appkeys import TRACKER
-from gateway.auth import ApiKeys, check_listen_allowed, load_keys
 from gateway.config import GatewaySettings
-from gateway.state import StateStore
+from gateway.state.memory import StateStore
 
 log = logging.getLogger(__name__)
 

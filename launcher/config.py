@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gateway.config import GatewaySettings, gateway_settings_from
-from gateway.strictconf import (
+from launcher.facts.cards import card_names, find_card
+from launcher.facts.strictconf import (
     KNOWN_SECTIONS,
     ConfigError,
     decode,
@@ -16,7 +17,6 @@ from gateway.strictconf import (
     parse_go_duration,
     reject_unknown_sections,
 )
-from launcher.cards import card_names, find_card
 
 KvCacheType = Literal["f16", "q8_0", "q4_0"]
 

@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.gateway_fakes import FakeOllama, MakeFake
+from tests.support.fakes import FakeOllama, MakeFake
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from launcher.gguf import (
+from launcher.models.gguf import (
     GGUFError,
     encode_gguf_metadata,
     file_type_name,
@@ -26,11 +26,7 @@ from launcher.gguf import (
     read_gguf_metadata,
     spec_from_gguf,
 )
-from launcher.sim.gojson import CREATE_REQUEST, json_kind
-from launcher.sim.handlers_infer import SERVICE, HandlerError, read_request
-from launcher.sim.service import ModelRefError, SimService, parse_model_ref
-from launcher.sim.wire import Items, StreamError, send_ndjson, wait_for_stream
-from launcher.store import (
+from launcher.models.store import (
     MEDIA_TYPE_ADAPTER,
     MEDIA_TYPE_CONFIG,
     MEDIA_TYPE_LICENSE,
@@ -45,6 +41,10 @@ from launcher.store import (
     ModelName,
     digest_of,
 )
+from launcher.sim.gojson import CREATE_REQUEST, json_kind
+from launcher.sim.handlers_infer import SERVICE, HandlerError, read_request
+from launcher.sim.service import ModelRefError, SimService, parse_model_ref
+from launcher.sim.wire import Items, StreamError, send_ndjson, wait_for_stream
 
 
 def human_number(n: int) -> str:

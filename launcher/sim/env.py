@@ -17,10 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.strictconf import ConfigError, parse_go_duration
 from launcher.config import SimSettings, load_sim_settings
-from launcher.gpus import GpuInfo, simulated_inventory
-from launcher.perf import KV_BYTES_PER_ELEMENT
+from launcher.facts.perf import KV_BYTES_PER_ELEMENT
+from launcher.facts.strictconf import ConfigError, parse_go_duration
+from launcher.gpus.discovery import GpuInfo, simulated_inventory
 
 GIB = 1024**3
 FOREVER_S = math.inf  # keep_alive < 0: Ollama stores MaxInt64 nanoseconds

@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from launcher.models.store import ModelName
 from launcher.sim import textgen
 from launcher.sim.gojson import (
     CHAT_REQUEST,
@@ -40,7 +41,6 @@ from launcher.sim.runner import LoadKey
 from launcher.sim.scheduler import Lease, LoadFailed, QueueFull
 from launcher.sim.service import ModelRef, ModelRefError, SimService, parse_model_ref
 from launcher.sim.wire import StreamError, error_response, json_response, send_ndjson
-from launcher.store import ModelName
 
 SERVICE: web.AppKey[SimService] = web.AppKey("sim_service", SimService)
 

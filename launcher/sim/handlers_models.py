@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from launcher.models.store import InvalidDigest, ModelName, digest_of
 from launcher.sim.gojson import (
     COPY_REQUEST,
     DELETE_REQUEST,
@@ -32,7 +33,6 @@ from launcher.sim.wire import (
     text_response,
     wait_for_stream,
 )
-from launcher.store import InvalidDigest, ModelName, digest_of
 
 
 async def root(request: web.Request) -> web.Response:

@@ -14,9 +14,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from launcher.catalog import ModelSpec, find_model
-from launcher.gguf import GGUFArray, GGUFError, gguf_metadata_for_spec, read_gguf_metadata, spec_from_gguf
-from launcher.store import (
+from launcher.facts.catalog import ModelSpec, find_model
+from launcher.models.gguf import GGUFArray, GGUFError, gguf_metadata_for_spec, read_gguf_metadata, spec_from_gguf
+from launcher.models.store import (
     MEDIA_TYPE_LICENSE,
     MEDIA_TYPE_MESSAGES,
     MEDIA_TYPE_PARAMS,

@@ -17,11 +17,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from launcher.catalog import ModelSpec, find_model
+from launcher.facts.catalog import ModelSpec, find_model
+from launcher.models.store import DEFAULT_HOST, DEFAULT_NAMESPACE, Layer, ModelName, ModelStore
 from launcher.sim.clock import Clock
 from launcher.sim.registry import Blob, layers_for
 from launcher.sim.wire import Items, StreamError
-from launcher.store import DEFAULT_HOST, DEFAULT_NAMESPACE, Layer, ModelName, ModelStore
 
 PROGRESS_INTERVAL_WALL_S = 0.06
 NOT_FOUND = "pull model manifest: file does not exist"

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from launcher.catalog import ModelSpec
-from launcher.gguf import encode_gguf_metadata, gguf_metadata_for_spec
-from launcher.store import (
+from launcher.facts.catalog import ModelSpec
+from launcher.models.gguf import encode_gguf_metadata, gguf_metadata_for_spec
+from launcher.models.store import (
     MEDIA_TYPE_CONFIG,
     MEDIA_TYPE_LICENSE,
     MEDIA_TYPE_MODEL,

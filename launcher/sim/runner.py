@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field, replace
 
-from launcher.perf import Placement
+from launcher.facts.perf import Placement
 from launcher.sim.clock import TimerHandle
 from launcher.sim.engine import DecodeEngine
 from launcher.sim.models import InstalledModel

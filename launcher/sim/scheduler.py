@@ -25,8 +25,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any
 
-from launcher.gpus import GpuInfo
-from launcher.perf import (
+from launcher.facts.perf import (
     SINGLE_CARD_FIT_FRACTION,
     LoadOptions,
     Placement,
@@ -36,6 +35,7 @@ from launcher.perf import (
     prefill_s,
     vram_needed_bytes,
 )
+from launcher.gpus.discovery import GpuInfo
 from launcher.sim.clock import Clock
 from launcher.sim.engine import DecodeEngine
 from launcher.sim.models import InstalledModel

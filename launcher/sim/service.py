@@ -11,12 +11,12 @@ import json
 import secrets
 from dataclasses import dataclass
 
+from launcher.models.store import ModelName, ModelStore
 from launcher.sim.clock import Clock
 from launcher.sim.env import ServeSettings
 from launcher.sim.models import InstalledModel, load_installed
 from launcher.sim.pull import PullManager
 from launcher.sim.scheduler import Scheduler, SchedulerSettings
-from launcher.store import ModelName, ModelStore
 
 VERSION = "0.33.0"  # the Ollama release whose behaviour this simulates
 

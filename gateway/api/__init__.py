@@ -1,0 +1,11 @@
+"""The HTTP surface: Ollama's API and /v1 on one port.
+
+    parse.py       what the router needs from a model-scoped request; bad requests refused like Ollama
+    dispatch.py    model calls: decide, wait, forward, fail over, learn
+    admission.py   the bounded per-model wait queue
+    proxy.py       forwarding one request to one backend, streaming the reply byte for byte
+    fleetwide.py   calls about the whole fleet (tags, ps, pull, create, delete, ...)
+    fanout.py, progress.py, blobs.py   fan-out to one backend per model store, merged progress
+    status.py      GET /api/corral/status
+    auth.py, cors.py, errors.py, lifecycle.py   keys, browsers, error replies, drain accounting
+"""

@@ -1,0 +1,262 @@
+"""Model-scoped requests: decide where each goes, wait when told to, forward, fail over, learn.
+
+For each request: parse (model, load options), ask `routing.choose()` over a fresh snapshot, and
+act on the decision. Send -> forward to that backend, counting it in flight; Wait -> park in the
+model's bounded queue and choose again when notified (503 + Retry-After when the queue is full or
+the wait times out); Reject -> the Ollama-shaped error. A backend that fails before the first byte
+is excluded and the request is decided again, up to `retries` times. When the reply is complete,
+its final chunk tells the pool about residency (load_duration), decode rate and service time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import replace
+
+import aiohttp
+from aiohttp import web
+
+from gateway import appkeys
+from gateway.api.admission import QueueFull, QueueTimeout
+from gateway.api.errors import BACKEND_HEADER, error_for
+from gateway.api.fanout import call_all
+from gateway.api.parse import BadRequest, ModelCall, parse_model_call
+from gateway.api.proxy import AttemptFailed, ClientGone, HeldResponse, Outcome, forward
+from gateway.routing.policy import Decision, Reject, RouteRequest, Send, Wait, choose
+
+log = logging.getLogger(__name__)
+
+# Status recorded in metrics for a request whose client hung up (nginx's convention).
+CLIENT_CLOSED_STATUS = 499
+
+
+class QueueRefused(Exception):
+    def __init__(self, message: str, retry_after_s: int, reason: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+        self.reason = reason
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole request body, bounded by the app's client_max_size. Raises BadRequest(413)."""
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[appkeys.SETTINGS].max_body_bytes
+        raise BadRequest(413, f"request body too large: the limit is {limit} bytes") from None
+
+
+async def handle_model_call(request: web.Request) -> web.StreamResponse:
+    """The handler behind every routed path (generate, chat, embed, show and their /v1 forms)."""
+    started_at = time.monotonic()
+    path_model = request.match_info.get("model") if request.path.startswith("/v1/models/") else None
+    try:
+        body = b"" if path_model is not None else await read_body(request)
+        call = parse_model_call(request.path, body, path_model)
+    except BadRequest as e:
+        _count(request, "", "", e.status)
+        return error_for(request, e.status, e.message)
+    if call.unload:
+        return await _unload(request, call, body, started_at)
+    return await _route(request, call, body, started_at)
+
+
+def _model_label(request: web.Request, model: str) -> str:
+    # Names no backend has stay out of the labels: clients could otherwise mint series at will.
+    return model if model and request.app[appkeys.POOL].knows_model(model) else "other"
+
+
+def _count(request: web.Request, model: str, backend_id: str, status: int) -> None:
+    request.app[appkeys.METRICS].requests.labels(_model_label(request, model), backend_id or "none", str(status)).inc()
+
+
+def _decide(request: web.Request, route: RouteRequest) -> Decision:
+    app = request.app
+    decision = choose(route, app[appkeys.POOL].snapshot(), app[appkeys.POLICY])
+    kind = type(decision).__name__.lower()
+    app[appkeys.METRICS].decisions.labels(kind, decision.reason).inc()
+    if log.isEnabledFor(logging.DEBUG):  # the explanation is built only for someone reading it
+        log.debug("%s %s model=%s: %s", request.method, request.path, route.model, decision.explanation)
+    return decision
+
+
+async def _decide_or_wait(request: web.Request, route: RouteRequest) -> Send | Reject:
+    """Choose; on Wait, queue at the gateway until a choice is possible. Raises QueueRefused."""
+    decision = _decide(request, route)
+    if not isinstance(decision, Wait):
+        return decision
+    app = request.app
+    settings = app[appkeys.SETTINGS]
+    queues = app[appkeys.QUEUES]
+    try:
+        async with queues.waiting(route.model, timeout_s=settings.queue_timeout_s) as ticket:
+            while isinstance(decision, Wait):
+                await ticket.wait()
+                decision = _decide(request, route)
+            return decision
+    except QueueFull as e:
+        raise QueueRefused(e.message, e.retry_after_s, "queue_full") from None
+    except QueueTimeout as e:
+        raise QueueRefused(e.message, e.retry_after_s, "queue_timeout") from None
+
+
+async def _route(request: web.Request, call: ModelCall, body: bytes, started_at: float) -> web.StreamResponse:
+    app = request.app
+    settings = app[appkeys.SETTINGS]
+    metrics = app[appkeys.METRICS]
+    route = RouteRequest(
+        model=call.model,
+        kind=call.kind,
+        options=call.options,
+        prompt_tokens=call.prompt_tokens,
+        stream=call.stream,
+        requested_as=call.requested_as,
+    )
+    held: HeldResponse | None = None
+    last_failure = ""
+    retries_left = settings.retries
+    while True:
+        try:
+            decision = await _decide_or_wait(request, route)
+        except QueueRefused as e:
+            metrics.queue_rejections.labels(_model_label(request, call.model), e.reason).inc()
+            _count(request, call.model, "", 503)
+            return error_for(request, 503, e.message, headers={"Retry-After": str(e.retry_after_s)})
+        if isinstance(decision, Reject):
+            if held is not None:  # the last backend's own error says more than "nothing left"
+                _count(request, call.model, held.backend_id, held.status)
+                return held.to_response()
+            if route.exclude and last_failure:
+                _count(request, call.model, "", 502)
+                return error_for(request, 502, f"{decision.message} (last failure: {last_failure})")
+            _count(request, call.model, "", decision.status)
+            headers = {"Retry-After": "1"} if decision.status == 503 else None
+            return error_for(request, decision.status, decision.message, headers=headers)
+        try:
+            return await _send(request, call, decision.backend_id, body, started_at)
+        except AttemptFailed as e:
+            held = e.held or held
+            last_failure = e.message
+            log.warning("<%s> %s %s failed before the first byte: %s", e.backend_id, request.method, request.path, e)
+            metrics.failovers.labels(e.backend_id).inc()
+            if retries_left <= 0:
+                if held is not None:
+                    _count(request, call.model, held.backend_id, held.status)
+                    return held.to_response()
+                _count(request, call.model, e.backend_id, 502)
+                return error_for(request, 502, f"backend {e.backend_id} failed: {e.message}")
+            retries_left -= 1
+            metrics.retries.labels(_model_label(request, call.model)).inc()
+            route = replace(route, exclude=route.exclude | {e.backend_id})
+
+
+async def _send(
+    request: web.Request, call: ModelCall, backend_id: str, body: bytes, started_at: float
+) -> web.StreamResponse:
+    """One attempt on one backend, counted in flight. Raises AttemptFailed (retry elsewhere)."""
+    app = request.app
+    pool = app[appkeys.POOL]
+    live = pool.get(backend_id)
+    if live is None:  # removed between the decision and now
+        raise AttemptFailed(backend_id, "backend no longer registered")
+    counts = call.kind != "show"  # metadata calls occupy no slot
+    cold = counts and not pool.is_resident(backend_id, call.model)
+    async with _maybe_hold(request, backend_id, call.model, counts):
+        if cold:
+            pool.start_loading(backend_id, call.model)
+        try:
+            outcome = await forward(
+                request,
+                app[appkeys.SESSION],
+                backend_id,
+                live.record.url,
+                body,
+                connect_timeout_s=app[appkeys.SETTINGS].connect_timeout_s,
+                started_at=started_at,
+            )
+        except AttemptFailed as e:
+            if e.connection_failed and pool.mark_failure(backend_id, e.message):
+                app[appkeys.METRICS].ejections.labels(backend_id).inc()
+                app[appkeys.QUEUES].notify()
+            raise
+        except ClientGone as e:
+            _count(request, call.model, backend_id, CLIENT_CLOSED_STATUS)
+            log.debug("<%s> client hung up on %s %s", backend_id, request.method, request.path)
+            return e.response
+        except asyncio.CancelledError:
+            _count(request, call.model, backend_id, CLIENT_CLOSED_STATUS)
+            log.debug("<%s> client hung up on %s %s", backend_id, request.method, request.path)
+            raise
+        finally:
+            if cold:
+                pool.stop_loading(backend_id, call.model)
+    _learn(request, call, backend_id, outcome, started_at)
+    return outcome.response
+
+
+def _maybe_hold(
+    request: web.Request, backend_id: str, model: str, counts: bool
+) -> contextlib.AbstractAsyncContextManager[None]:
+    if not counts:
+        return contextlib.nullcontext()
+    return request.app[appkeys.IN_FLIGHT].hold(backend_id, model)
+
+
+def _learn(request: web.Request, call: ModelCall, backend_id: str, outcome: Outcome, started_at: float) -> None:
+    app = request.app
+    metrics = app[appkeys.METRICS]
+    pool = app[appkeys.POOL]
+    elapsed_s = time.monotonic() - started_at
+    label = _model_label(request, call.model)
+    _count(request, call.model, backend_id, outcome.status)
+    metrics.request_duration.labels(label, backend_id).observe(elapsed_s)
+    if outcome.first_byte_s is not None:
+        metrics.ttft.labels(label, backend_id).observe(outcome.first_byte_s)
+    if outcome.midstream_error is not None:
+        # Counted as a failure only (not also as the success of having answered, which would reset
+        # the count): a backend that keeps dying mid-stream gets ejected like one that refuses.
+        metrics.midstream_failures.labels(backend_id).inc()
+        if pool.mark_failure(backend_id, outcome.midstream_error):
+            metrics.ejections.labels(backend_id).inc()
+            app[appkeys.QUEUES].notify()
+        return
+    pool.mark_success(backend_id)
+    if outcome.final is None or outcome.status != 200 or call.kind == "show":
+        return
+    facts = pool.observe_reply(backend_id, call.model, outcome.final, call.options, elapsed_s)
+    if facts.cold_load:
+        metrics.cold_loads.labels(call.model, backend_id).inc()
+        log.info("<%s> cold load of %s took %.1fs", backend_id, call.model, facts.load_s)
+    if facts.tokens_per_s > 0:
+        metrics.decode_rate.labels(call.model, backend_id).observe(facts.tokens_per_s)
+
+
+async def _unload(request: web.Request, call: ModelCall, body: bytes, started_at: float) -> web.StreamResponse:
+    """keep_alive 0 with nothing to generate: unload wherever the model is loaded. Sending it to a
+    backend where it is not loaded would be harmless (Ollama checks before scheduling), so with no
+    resident copy one backend that has the model answers. The answer is a failed backend's own
+    reply when there is one (the model may still be loaded there), else a success."""
+    app = request.app
+    pool = app[appkeys.POOL]
+    targets = [live for live in pool.backends.values() if live.healthy and pool.is_resident(live.record.id, call.model)]
+    if not targets:
+        return await _route(request, replace(call, kind="show"), body, started_at)
+    connect_s = app[appkeys.SETTINGS].connect_timeout_s
+    timeout = aiohttp.ClientTimeout(total=None, connect=connect_s)
+    replies = await call_all(app[appkeys.SESSION], targets, "POST", request.path, body, client_timeout=timeout)
+    answered = [(r.status, r) for r in replies if r.status is not None]
+    for _, reply in answered:
+        pool.forget_resident(reply.backend_id, call.model)
+    app[appkeys.QUEUES].notify()
+    if not answered:
+        log.warning("unload of %s failed: %s", call.model, "; ".join(r.error for r in replies))
+        _count(request, call.model, "", 502)
+        return error_for(request, 502, f"no backend holding model '{call.requested_as}' answered")
+    status, chosen = next(((s, r) for s, r in answered if s >= 300), answered[-1])
+    _count(request, call.model, "all", status)
+    headers = {"Content-Type": chosen.content_type, BACKEND_HEADER: chosen.backend_id}
+    return web.Response(status=status, body=chosen.body, headers=headers)

@@ -1,0 +1,302 @@
+"""Forwarding one request to one backend and streaming its reply back, byte for byte.
+
+Nothing is buffered: each chunk the backend sends is written to the client as it arrives, and the
+write is awaited, so a slow client slows the backend's stream instead of filling memory. The reply
+is held back only until its first body chunk, so a backend that fails before that (refused,
+reset, a 5xx, a connection dropped after the headers) can be retried on another one: `AttemptFailed`
+says so. Once a byte reached the client there is no retry; a backend dying then ends the stream
+with an Ollama-style error line (NDJSON) or an OpenAI-style error event (SSE).
+
+A client hanging up cancels the handler (the server runs with handler_cancellation), which closes
+the upstream response here and so its connection: the backend sees the request cancelled at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import time
+from collections.abc import AsyncIterable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.api.errors import (
+    BACKEND_HEADER,
+    error_shape,
+    error_text,
+    ndjson_error_line,
+    sse_error_event,
+)
+
+log = logging.getLogger(__name__)
+
+# Hop-by-hop headers (RFC 9110 section 7.6.1) describe one connection, not the message; a proxy
+# must not pass them on. "Keep-Alive" and "Proxy-Connection" are the pre-standard spellings.
+HOP_BY_HOP: frozenset[str] = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Request headers not to forward: Host is set from the backend's URL (Ollama bound to loopback
+# refuses foreign Host headers with 403, see allowedHostsMiddleware), Content-Length is recomputed
+# by the client library, Authorization carries the gateway's key (backends must not see it),
+# Expect would make the backend answer 100-continue to a body we already hold, and Origin was
+# already checked by the gateway's CORS policy: passed on, it would make Ollama's own CORS check
+# refuse (403) every browser origin allowed only by `[gateway] cors_origins`.
+DROP_REQUEST_HEADERS: frozenset[str] = HOP_BY_HOP | {"host", "content-length", "authorization", "expect", "origin"}
+# Reply headers not to forward: the body is re-framed by this server (chunked, or with its own
+# Content-Length when the whole reply is already here), which also sets its own Date and Server.
+DROP_RESPONSE_HEADERS: frozenset[str] = HOP_BY_HOP | {"content-length", "date", "server"}
+
+# Largest reply whose end is kept to read the final chunk's metrics (load_duration, eval_count).
+TAIL_LIMIT_BYTES = 1024 * 1024
+# Request bodies above this are sent from a BytesIO (aiohttp's TOO_LARGE_BYTES_BODY).
+LARGE_BODY_BYTES = 1024 * 1024
+# A 5xx reply held back for a possible retry is read up to this size.
+HELD_BODY_LIMIT_BYTES = 64 * 1024
+
+# What a backend failing before the first byte looks like from here.
+CONNECT_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, TimeoutError, ConnectionError, OSError)
+
+
+@dataclass(frozen=True)
+class HeldResponse:
+    """A backend's error reply that was not sent yet, to pass on when no retry does better."""
+
+    backend_id: str
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes
+
+    def to_response(self) -> web.Response:
+        headers = CIMultiDict((k, v) for k, v in self.headers.items() if k.lower() not in DROP_RESPONSE_HEADERS)
+        headers[BACKEND_HEADER] = self.backend_id
+        return web.Response(status=self.status, body=self.body, headers=headers)
+
+
+class AttemptFailed(Exception):
+    """The backend failed before any byte reached the client: the request may go elsewhere."""
+
+    def __init__(self, backend_id: str, message: str, held: HeldResponse | None = None) -> None:
+        super().__init__(f"backend {backend_id}: {message}")
+        self.backend_id = backend_id
+        self.message = message
+        self.held = held
+        self.connection_failed = held is None  # no HTTP reply at all: counts against its health
+
+
+class ClientGone(Exception):
+    """The client went away while the reply was being written (`response` is the cut reply)."""
+
+    def __init__(self, response: web.StreamResponse, message: str) -> None:
+        super().__init__(message)
+        self.response = response
+
+
+@dataclass
+class Outcome:
+    """How one forwarded request ended (the reply has been sent in full, or cut)."""
+
+    response: web.StreamResponse
+    status: int
+    first_byte_s: float | None  # since the request arrived
+    final: dict[str, Any] | None  # the reply's last JSON object, when it had one
+    midstream_error: str | None = None
+
+
+class FinalChunkTap:
+    """Keeps the end of a reply to read its last JSON object (Ollama's final chunk or whole reply)."""
+
+    def __init__(self) -> None:
+        self._tail = bytearray()
+
+    def feed(self, chunk: bytes) -> None:
+        self._tail += chunk
+        if len(self._tail) > 2 * TAIL_LIMIT_BYTES:
+            del self._tail[: len(self._tail) - TAIL_LIMIT_BYTES]
+
+    def final(self) -> dict[str, Any] | None:
+        for line in reversed(bytes(self._tail).split(b"\n")):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError:
+                return None
+            return value if isinstance(value, dict) else None
+        return None
+
+
+def connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+    """Header names a message lists in its Connection header: hop-by-hop as well (RFC 9110 7.6.1)."""
+    tokens: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def upstream_headers(request: web.Request) -> CIMultiDict[str]:
+    drop = DROP_REQUEST_HEADERS | connection_tokens(request.headers)
+    headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in drop)
+    forwarded_for = request.headers.get("X-Forwarded-For")
+    remote = request.remote or ""
+    headers["X-Forwarded-For"] = f"{forwarded_for}, {remote}" if forwarded_for else remote
+    headers["X-Forwarded-Host"] = request.host
+    headers["X-Forwarded-Proto"] = request.scheme
+    return headers
+
+
+def reply_headers(upstream: aiohttp.ClientResponse, backend_id: str) -> CIMultiDict[str]:
+    drop = DROP_RESPONSE_HEADERS | connection_tokens(upstream.headers)
+    headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in drop)
+    headers[BACKEND_HEADER] = backend_id
+    if is_stream_type(upstream.headers.get("Content-Type", "")):
+        headers["X-Accel-Buffering"] = "no"  # an nginx in front must not buffer token streams
+    return headers
+
+
+def is_stream_type(content_type: str) -> bool:
+    return content_type.startswith(("application/x-ndjson", "text/event-stream"))
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+async def forward(
+    request: web.Request,
+    session: aiohttp.ClientSession,
+    backend_id: str,
+    base_url: str,
+    body: bytes | io.BytesIO | AsyncIterable[bytes] | None,
+    *,
+    connect_timeout_s: float,
+    started_at: float,
+    path: str | None = None,
+) -> Outcome:
+    """Send `request` (with `body`) to the backend and stream the reply to the client.
+
+    Raises AttemptFailed before the first byte was written (nothing sent to the client yet), and
+    ClientGone when the client hung up. Once the reply has started it always returns an Outcome,
+    with `midstream_error` set when the backend failed during it."""
+    url = base_url.rstrip("/") + (path if path is not None else request.path_qs)
+    if isinstance(body, bytes) and len(body) > LARGE_BODY_BYTES:
+        # aiohttp writes a large bytes body in one go (and warns); a file-like one goes in chunks.
+        body = io.BytesIO(body)
+    # No total timeout: a generation may stream for many minutes, and the first byte may wait for
+    # a model load. Only connecting is bounded.
+    timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_connect=connect_timeout_s)
+    try:
+        upstream = await session.request(
+            request.method,
+            url,
+            data=body,
+            headers=upstream_headers(request),
+            timeout=timeout,
+            allow_redirects=False,
+        )
+    except asyncio.CancelledError:
+        raise
+    except CONNECT_ERRORS as e:
+        raise AttemptFailed(backend_id, _describe(e)) from e
+    try:
+        return await _relay(request, upstream, backend_id, started_at)
+    finally:
+        # Closing (not releasing) drops the connection when the reply did not finish, which is how
+        # the backend learns that the client went away.
+        upstream.close()
+
+
+async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, backend_id: str, started_at: float) -> Outcome:
+    if upstream.status >= 500:
+        held_body = await _read_held_body(upstream)
+        held = HeldResponse(backend_id, upstream.status, CIMultiDict(upstream.headers), held_body)
+        raise AttemptFailed(backend_id, f"HTTP {upstream.status}: {error_text(held_body, upstream.status)}", held)
+    try:
+        first = await upstream.content.readany()
+    except CONNECT_ERRORS as e:
+        raise AttemptFailed(backend_id, f"failed before the first byte: {_describe(e)}") from e
+
+    first_byte_s = time.monotonic() - started_at
+    tap = FinalChunkTap()
+    if upstream.content_length is not None and len(first) == upstream.content_length:
+        # The whole reply is already here (a non-streamed answer): one write with its length
+        # instead of a chunked reply and a separate terminating chunk.
+        tap.feed(first)
+        whole = web.Response(
+            status=upstream.status, reason=upstream.reason, headers=reply_headers(upstream, backend_id), body=first
+        )
+        try:
+            await whole.prepare(request)
+            await whole.write_eof()
+        except (ConnectionError, aiohttp.ClientConnectionResetError) as e:
+            raise ClientGone(whole, str(e)) from e
+        return Outcome(whole, upstream.status, first_byte_s, tap.final(), None)
+    response = web.StreamResponse(
+        status=upstream.status, reason=upstream.reason, headers=reply_headers(upstream, backend_id)
+    )
+    sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+    try:
+        await response.prepare(request)
+        if first:
+            tap.feed(first)
+            await response.write(first)
+    except (ConnectionError, aiohttp.ClientConnectionResetError) as e:
+        raise ClientGone(response, str(e)) from e
+    midstream_error: str | None = None
+    chunk = first
+    while chunk:
+        try:
+            chunk = await upstream.content.readany()
+        except CONNECT_ERRORS as e:
+            midstream_error = f"backend {backend_id} failed mid-stream: {_describe(e)}"
+            log.warning("<%s> %s %s: %s", backend_id, request.method, request.path, midstream_error)
+            break
+        if chunk:
+            tap.feed(chunk)
+            try:
+                await response.write(chunk)
+            except (ConnectionError, aiohttp.ClientConnectionResetError) as e:
+                raise ClientGone(response, str(e)) from e
+    try:
+        if midstream_error is not None:
+            if sse:
+                await response.write(sse_error_event(midstream_error, error_shape(request.path)))
+            else:
+                await response.write(ndjson_error_line(midstream_error))
+        await response.write_eof()
+    except (ConnectionError, aiohttp.ClientConnectionResetError) as e:
+        raise ClientGone(response, str(e)) from e
+    final = None if sse or midstream_error else tap.final()
+    return Outcome(response, upstream.status, first_byte_s, final, midstream_error)
+
+
+async def _read_held_body(upstream: aiohttp.ClientResponse) -> bytes:
+    """The error reply's body, whole (up to HELD_BODY_LIMIT_BYTES) however many chunks it came in;
+    what arrived before a failure to read on."""
+    body = bytearray()
+    try:
+        while len(body) < HELD_BODY_LIMIT_BYTES:
+            chunk = await upstream.content.read(HELD_BODY_LIMIT_BYTES - len(body))
+            if not chunk:
+                break
+            body += chunk
+    except CONNECT_ERRORS:
+        pass
+    return bytes(body)

@@ -1,0 +1,243 @@
+"""Background work that keeps the pool current: records, health checks, /api/tags and /api/ps.
+
+One task follows the state store (backend records and the fleet-wide in-flight counters); each
+backend then gets a health task (GET /api/version every health_interval_s: cheap, never a model
+call that could load weights) and a poll task (/api/tags and /api/ps every poll_interval_s while
+healthy). Model facts are fetched once per model, from the catalog or the backend's /api/show.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from gateway.config import GatewaySettings
+from gateway.fleet.modelfacts import facts_from_catalog, facts_from_show
+from gateway.fleet.pool import BackendPool, row_model_name
+from gateway.metrics import Metrics
+from gateway.state.memory import StateStore
+
+log = logging.getLogger(__name__)
+
+# A model whose /api/show failed is asked again after this long.
+FACTS_RETRY_S = 60.0
+
+
+class Poller:
+    """Owns the pool's background tasks. `start()` does a first full round before returning, so a
+    gateway that starts serving already knows its backends' models."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        pool: BackendPool,
+        store: StateStore,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.store = store
+        self.session = session
+        self.metrics = metrics
+        self.on_change = on_change
+        self._tasks: dict[str, list[asyncio.Task[None]]] = {}
+        self._main: asyncio.Task[None] | None = None
+        self._facts_pending: set[str] = set()
+        self._facts_failed_at: dict[str, float] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._check_timeout = aiohttp.ClientTimeout(
+            total=max(2.0, 2 * settings.connect_timeout_s), connect=settings.connect_timeout_s
+        )
+
+    async def start(self) -> None:
+        await self.sync_records()
+        await asyncio.gather(*(self._first_round(b) for b in list(self.pool.backends)))
+        self._main = asyncio.create_task(self._follow_store(), name="corral-records")
+
+    async def stop(self) -> None:
+        tasks = [t for ts in self._tasks.values() for t in ts] + list(self._background)
+        if self._main is not None:
+            tasks.append(self._main)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        self._main = None
+
+    # -- records ---------------------------------------------------------------------------------
+
+    async def sync_records(self) -> None:
+        records = await self.store.list_backends()
+        changes = self.pool.sync_records(records)
+        for backend_id in changes.removed:
+            for task in self._tasks.pop(backend_id, []):
+                task.cancel()
+            log.info("<%s> removed", backend_id)
+        for backend_id in changes.added:
+            log.info("<%s> added: %s", backend_id, self.pool.backends[backend_id].record.url)
+        for backend_id in changes.changed:
+            log.info("<%s> now %s", backend_id, self.pool.backends[backend_id].record.state)
+        if self._main is not None:  # after start(): new backends get their first round in their tasks
+            for backend_id in changes.added:
+                self._start_tasks(backend_id)
+        self.pool.replace_in_flight(await self.store.in_flight())
+        if changes:
+            self.on_change()
+
+    async def _follow_store(self) -> None:
+        for backend_id in self.pool.backends:
+            if backend_id not in self._tasks:
+                self._start_tasks(backend_id)
+        while True:
+            await asyncio.sleep(self.settings.poll_interval_s)
+            try:
+                await self.sync_records()
+            except Exception as e:  # a store hiccup (Redis restart) must not stop the gateway
+                log.warning("state store read failed: %s", e)
+
+    def _start_tasks(self, backend_id: str) -> None:
+        self._tasks[backend_id] = [
+            asyncio.create_task(self._health_loop(backend_id), name=f"corral-health-{backend_id}"),
+            asyncio.create_task(self._poll_loop(backend_id), name=f"corral-poll-{backend_id}"),
+        ]
+
+    async def _first_round(self, backend_id: str) -> None:
+        if await self.check(backend_id):
+            await self.poll(backend_id)
+
+    # -- health ----------------------------------------------------------------------------------
+
+    async def check(self, backend_id: str) -> bool:
+        """One health check; updates the pool. Returns whether the backend answered."""
+        live = self.pool.get(backend_id)
+        if live is None:
+            return False
+        try:
+            async with self.session.get(live.record.url + "/api/version", timeout=self._check_timeout) as resp:
+                if resp.status != 200:
+                    raise aiohttp.ClientResponseError(
+                        resp.request_info, (), status=resp.status, message=resp.reason or ""
+                    )
+                body = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            if self.pool.mark_failure(backend_id, _describe(e)):
+                self.metrics.ejections.labels(backend_id).inc()
+                self.on_change()
+            return False
+        version = body.get("version") if isinstance(body, dict) else None
+        if self.pool.mark_success(backend_id, str(version) if version else None):
+            self.on_change()
+        return True
+
+    async def _health_loop(self, backend_id: str) -> None:
+        while True:
+            was_healthy = self._healthy(backend_id)
+            ok = await self.check(backend_id)
+            if ok and not was_healthy and self._healthy(backend_id):
+                await self.poll(backend_id)  # back in: learn what it holds before routing to it
+            await asyncio.sleep(self.settings.health_interval_s)
+
+    def _healthy(self, backend_id: str) -> bool:
+        live = self.pool.get(backend_id)
+        return live is not None and live.healthy
+
+    # -- polls -----------------------------------------------------------------------------------
+
+    async def poll(self, backend_id: str) -> bool:
+        """Fetch /api/tags and /api/ps into the pool. Returns whether both answered."""
+        live = self.pool.get(backend_id)
+        if live is None:
+            return False
+        started_at = time.time()
+        try:
+            tags, ps = await asyncio.gather(
+                self._get_json(live.record.url + "/api/tags"), self._get_json(live.record.url + "/api/ps")
+            )
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            log.debug("<%s> poll failed: %s", backend_id, _describe(e))
+            return False
+        before = self._residency(backend_id)
+        self.pool.apply_tags(backend_id, _models(tags))
+        self.pool.apply_ps(backend_id, _models(ps), started_at)
+        self._learn_facts(backend_id)
+        if self._residency(backend_id) != before:
+            self.on_change()
+        return True
+
+    def _residency(self, backend_id: str) -> tuple[frozenset[str], frozenset[str]]:
+        live = self.pool.get(backend_id)
+        if live is None:
+            return frozenset(), frozenset()
+        return live.installed, frozenset(live.merged_resident())
+
+    async def _poll_loop(self, backend_id: str) -> None:
+        while True:
+            if self._healthy(backend_id):
+                await self.poll(backend_id)
+            await asyncio.sleep(self.settings.poll_interval_s)
+
+    async def _get_json(self, url: str, payload: dict[str, Any] | None = None) -> Any:
+        method = "POST" if payload is not None else "GET"
+        async with self.session.request(method, url, json=payload, timeout=self._check_timeout) as resp:
+            if resp.status != 200:
+                raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status, message=resp.reason or "")
+            return await resp.json(content_type=None)
+
+    # -- model facts -----------------------------------------------------------------------------
+
+    def _learn_facts(self, backend_id: str) -> None:
+        live = self.pool.get(backend_id)
+        if live is None:
+            return
+        now = time.time()
+        for tag in live.tags:
+            name = row_model_name(tag)
+            if not name or name in self.pool.facts or name in self._facts_pending:
+                continue
+            raw_size = tag.get("size")
+            size = int(raw_size) if isinstance(raw_size, int | float) else 0
+            facts = facts_from_catalog(name, size)
+            if facts is not None:
+                self.pool.facts[name] = facts
+            elif now - self._facts_failed_at.get(name, -FACTS_RETRY_S) >= FACTS_RETRY_S:
+                self._facts_pending.add(name)
+                task = asyncio.create_task(self._fetch_facts(backend_id, name, str(tag.get("model") or name), size))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _fetch_facts(self, backend_id: str, name: str, wire_name: str, size: int) -> None:
+        live = self.pool.get(backend_id)
+        try:
+            if live is None:
+                return
+            show = await self._get_json(live.record.url + "/api/show", {"model": wire_name})
+            facts = facts_from_show(name, show, size) if isinstance(show, dict) else None
+            if facts is None:
+                self._facts_failed_at[name] = time.time()
+            else:
+                self.pool.facts[name] = facts
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            log.debug("<%s> /api/show %s failed: %s", backend_id, name, _describe(e))
+            self._facts_failed_at[name] = time.time()
+        finally:
+            self._facts_pending.discard(name)
+
+
+def _models(body: Any) -> list[dict[str, Any]]:
+    models = body.get("models") if isinstance(body, dict) else None
+    return [m for m in models if isinstance(m, dict)] if isinstance(models, list) else []
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -1,0 +1,105 @@
+"""`corral gateway`: run the gateway alone, over static backends or ones a launcher registers.
+
+    corral gateway --config config.toml
+    corral gateway --backend http://127.0.0.1:11500 --backend http://127.0.0.1:11501
+
+Backends come from `[[gateway.backends]]` and `--backend`, and from records launchers write into
+the state store (`[gateway] state = "redis"`). SIGINT/SIGTERM drain: stop accepting, let requests
+in progress finish for up to `drain_timeout_s`, then exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.config import GatewaySettings, gateway_settings_from
+from gateway.routing.policy import POLICY_NAMES
+from gateway.server import GatewayServer
+from gateway.state.memory import StateStore, open_store
+from launcher.facts.strictconf import load_toml
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="config.toml", help="path of config.toml (default: %(default)s)")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="address to serve on (overrides [gateway] listen)")
+    parser.add_argument("--policy", choices=POLICY_NAMES, help="routing policy (overrides [gateway] policy)")
+    parser.add_argument(
+        "--backend",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="an Ollama backend to route to, e.g. http://127.0.0.1:11500 (repeatable; adds to [[gateway.backends]])",
+    )
+
+
+def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
+    """The `[gateway]` section with the command line applied on top; ConfigError when invalid.
+    A missing config file is fine when --backend names the backends."""
+    path = Path(args.config)
+    data: dict[str, Any] = {} if args.backend and not path.exists() else load_toml(path)
+    section = data.get("gateway", {})
+    if isinstance(section, dict):  # anything else is refused by gateway_settings_from below
+        section = dict(section)
+        if args.listen:
+            section["listen"] = args.listen
+        if args.policy:
+            section["policy"] = args.policy
+        if args.backend:
+            section["backends"] = [*section.get("backends", []), *({"url": url} for url in args.backend)]
+    return gateway_settings_from({**data, "gateway": section})
+
+
+async def serve(settings: GatewaySettings, store: StateStore, stop: asyncio.Event) -> None:
+    """Run until `stop` is set, then drain."""
+    async with GatewayServer(settings, store) as server:
+        backends = ", ".join(b.url for b in settings.backends) or "registered by launchers"
+        print(f"corral gateway: serving {server.url} (policy {settings.policy}; backends: {backends})", file=sys.stderr)
+        if not settings.backends and settings.state == "memory":
+            # Nothing can register backends in this process's memory: say so instead of 503s later.
+            print(
+                "corral gateway: warning: no backends; add [[gateway.backends]] or --backend URL "
+                '(or share state = "redis" with launchers)',
+                file=sys.stderr,
+            )
+        await stop.wait()
+        print("corral gateway: draining", file=sys.stderr)
+        await server.drain()
+
+
+async def _main(settings: GatewaySettings) -> int:
+    store = open_store(settings.state, settings.redis_url)
+    ping = getattr(store, "ping", None)  # a shared store: fail now, clearly, if it is unreachable
+    if ping is not None:
+        try:
+            await ping()
+        except Exception as e:
+            await store.close()
+            print(f"corral: cannot reach the state store at {settings.redis_url}: {e}", file=sys.stderr)
+            return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await serve(settings, store, stop)
+    except OSError as e:
+        print(f"corral: cannot listen on {settings.listen}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    finally:
+        await store.close()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    return asyncio.run(_main(settings))

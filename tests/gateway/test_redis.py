@@ -1,0 +1,87 @@
+"""Two gateways sharing one Redis: each sees the requests the other has in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from gateway.api.auth import ApiKeys
+from gateway.appkeys import POOL
+from gateway.fleet.inflight import InFlight
+from gateway.fleet.pool import BackendPool
+from gateway.record import BackendRecord
+from gateway.server import GatewayServer
+from gateway.state.redis_store import RedisStore
+from tests.support.fakes import FakeOllama, fast_settings, wait_for
+
+REDIS_URL = os.environ.get("CORRAL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+async def stores() -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    prefix = f"corral-gw-test-{uuid.uuid4().hex}:"
+    first, second = (RedisStore.from_url(REDIS_URL, prefix=prefix, owner_ttl_s=5.0) for _ in range(2))
+    try:
+        await asyncio.wait_for(first.ping(), timeout=2)
+    except Exception as e:
+        await first.close()
+        await second.close()
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis is required in CI at {REDIS_URL}: {e}")
+        pytest.skip(f"no Redis at {REDIS_URL}: {e}")
+    yield first, second
+    await first.close()
+    await second.close()
+
+
+async def test_gateways_on_one_redis_agree_on_in_flight_requests(stores: tuple[RedisStore, RedisStore]) -> None:
+    hold = asyncio.Event()
+    fake = await FakeOllama(name="g0", hold=hold).start()
+    settings = fast_settings(fake.backend())
+    try:
+        async with (
+            GatewayServer(settings, stores[0], keys=ApiKeys()) as one,
+            GatewayServer(settings, stores[1], keys=ApiKeys()) as two,
+            aiohttp.ClientSession() as http,
+        ):
+            resp = await http.post(one.url + "/api/generate", json={"model": "llama3.1:8b", "prompt": "hi"})
+            assert json.loads(await resp.content.readline())["done"] is False
+            # The other gateway never saw this request, yet counts it (from the shared counters).
+            await wait_for(lambda: two.app[POOL].in_flight.get("g0", {}).get("llama3.1:8b") == 1)
+            async with http.get(two.url + "/api/corral/status") as status:
+                (row,) = (await status.json())["backends"]
+            assert row["in_flight"] == {"llama3.1:8b": 1}
+            hold.set()
+            await resp.read()
+            resp.release()
+            await wait_for(lambda: not two.app[POOL].in_flight.get("g0"))
+    finally:
+        hold.set()
+        await fake.stop()
+
+
+async def test_a_gateways_own_requests_do_not_hide_the_others_from_its_router(
+    stores: tuple[RedisStore, RedisStore],
+) -> None:
+    # Redis answers an increment with this gateway's own count; the router's view must keep the
+    # other gateway's request that the last poll brought in.
+    one, two = stores
+    pool = BackendPool(fast_settings())
+    pool.sync_records([BackendRecord(id="g0", url="http://127.0.0.1:1")])
+    await two.incr_in_flight("g0", "llama3.1:8b")  # a request through the other gateway
+    pool.replace_in_flight(await one.in_flight())
+    assert pool.in_flight == {"g0": {"llama3.1:8b": 1}}
+    in_flight = InFlight(one, pool, on_release=lambda _backend, _model: None)
+    async with in_flight.hold("g0", "llama3.1:8b"):
+        assert pool.in_flight == {"g0": {"llama3.1:8b": 2}}
+    await in_flight.settle()
+    assert pool.in_flight == {"g0": {"llama3.1:8b": 1}}
+    assert await one.in_flight() == {"g0": {"llama3.1:8b": 1}}

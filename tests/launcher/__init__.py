@@ -1,0 +1,1 @@
+"""Tests of the launcher package (all but the simulator)."""

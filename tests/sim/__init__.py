@@ -1,0 +1,1 @@
+"""Tests of the simulated `ollama serve` (launcher/sim)."""
