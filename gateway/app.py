@@ -172,20 +172,9 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
 
 async def _pool_and_poller(app: web.Application) -> AsyncIterator[None]:
     pool = app[appkeys.POOL]
-    queues = app[appkeys.QUEUES]
-
-    def slot_freed(_backend_id: str, _model: str) -> None:
-        # One waiter per model re-decides: the slot may serve its model, or make room by eviction.
-        queues.notify(count=1)
-
-    def fleet_changed() -> None:
-        queues.notify()
-
-    in_flight = InFlight(app[appkeys.STORE], pool, on_release=slot_freed)
+    in_flight = InFlight(app[appkeys.STORE], pool)
     app[appkeys.IN_FLIGHT] = in_flight
-    poller = Poller(
-        app[appkeys.SETTINGS], pool, app[appkeys.STORE], app[appkeys.SESSION], app[appkeys.METRICS], fleet_changed
-    )
+    poller = Poller(app[appkeys.SETTINGS], pool, app[appkeys.STORE], app[appkeys.SESSION], app[appkeys.METRICS])
     app[appkeys.POLLER] = poller
     await poller.start()
     yield
@@ -226,8 +215,16 @@ def create_app(
     app[appkeys.KEYS] = keys
     app[appkeys.METRICS] = Metrics()
     app[appkeys.QUEUES] = queues
-    app[appkeys.POOL] = BackendPool(settings, queue_depths=queues.depths)
-    app[appkeys.POLICY] = make_policy(settings.policy, max_wait_s=settings.max_wait_s)
+    pool = BackendPool(settings, queue_depths=queues.depths)
+    # The one place waiting requests are woken from: whatever changes in the pool.
+    pool.subscribe(queues.on_change)
+    app[appkeys.POOL] = pool
+    app[appkeys.POLICY] = make_policy(
+        settings.policy,
+        max_wait_s=settings.max_wait_s,
+        spill=settings.spill,
+        context_policy=settings.context_policy,
+    )
     app[appkeys.TRACKER] = tracker
     app[appkeys.STARTED_AT] = time.time()
     app[appkeys.LISTEN] = listen or settings.listen

@@ -72,6 +72,16 @@ class GatewaySettings:
     # Residency policy: when even the best backend's expected wait for a slot is longer than this,
     # the request waits at the gateway (where it can still go wherever a slot frees first).
     max_wait_s: float = field(default=30.0, metadata={"duration": True, "min": 0})
+    # Residency policy: may the router load further copies of a model beyond the planned ones, on
+    # spare or idle capacity, when that gives the first token sooner? False keeps every model to its
+    # planned copies (models planned nowhere still load where they fit).
+    spill: bool = True
+    # A request whose num_ctx is above the context a copy was loaded with: "fit" serves it there at
+    # the loaded context when its prompt plus expected answer fits (the reply says so in
+    # X-Corral-Num-Ctx), "honor" sends it as asked (Ollama reloads), "reject" answers 400.
+    context_policy: Literal["fit", "honor", "reject"] = "fit"
+    # API keys whose requests default to the batch lane and may not raise themselves to interactive.
+    batch_keys_file: str = ""
     max_body_bytes: int = field(default=32 * 1024 * 1024, metadata={"min": 1024})
     retries: int = field(default=2, metadata={"min": 0, "max": 10})
     connect_timeout_s: float = field(default=5.0, metadata={"duration": True, "min": 0.1})

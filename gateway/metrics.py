@@ -120,6 +120,18 @@ class Metrics:
         self.queue_rejections = Counter(
             "corral_queue_rejections", "requests refused with 503 at the gateway queue", ["model", "reason"], registry=r
         )
+        self.planned_evictions = Counter(
+            "corral_planned_evictions",
+            "sends that evict the only copy of a planned model because nothing else can serve the request",
+            ["model", "backend"],
+            registry=r,
+        )
+        self.context_fits = Counter(
+            "corral_context_fits",
+            'requests served at the loaded context instead of a larger num_ctx (context_policy "fit")',
+            ["model"],
+            registry=r,
+        )
 
     def attach_fleet(self, collector: FleetCollector) -> None:
         self.registry.register(collector)

@@ -13,9 +13,14 @@ Typical use in a handler (single event loop; nothing here is thread-safe):
                 await ticket.wait()                                      # QueueTimeout
                 decision = choose(request, pool.snapshot(), policy)
 
-When to notify: after every request finishes (any model: a busy model that finishes may be the one
-a waiter of another model needs evicted), when a poll changes residency or health, and when a backend
-becomes ready. `notify()` wakes every model's waiters; choose() is cheap enough for that.
+Wake-ups come from one place: the backend pool's change signal, handed to `on_change`. A slot
+freed for a model wakes that model's oldest waiter not yet woken (it takes the slot), and the oldest
+of every other model (a busy model that finished may be the one a waiter of another model needs
+evicted); a request running past its expected length wakes its model's waiters (the expected wait
+grew, a cold load elsewhere may now be sooner); any other change to the fleet wakes every waiter.
+
+Two lanes per model: interactive waiters come before batch ones, whatever their arrival order.
+`ahead` tells the router how many requests for the model would be served before this one.
 
 A notification that arrives while the holder is busy re-running `choose()` is kept for its next
 `wait()` (which then returns at once), so no wake-up is lost between a check and the wait. Leaving
@@ -29,6 +34,11 @@ import asyncio
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Literal
+
+from gateway.fleet.work import Change
+
+Lane = Literal["interactive", "batch"]
 
 # Ollama's own text for a full queue (server/sched.go ErrMaxQueue, two spaces included): clients
 # and scripts that already handle Ollama's 503 recognise it.
@@ -66,8 +76,11 @@ class QueueTimeout(Exception):
 class Ticket:
     """One request's place in its model's queue. Created by `WaitQueues.waiting`."""
 
-    def __init__(self, queues: WaitQueues, model: str, enqueued_at: float, deadline: float | None) -> None:
+    def __init__(
+        self, queues: WaitQueues, model: str, enqueued_at: float, deadline: float | None, lane: Lane = "interactive"
+    ) -> None:
         self.model = model
+        self.lane = lane
         self.enqueued_at = enqueued_at  # loop time
         self.deadline = deadline  # loop time; None: no timeout
         self._queues = queues
@@ -82,7 +95,8 @@ class Ticket:
 
     @property
     def position(self) -> int:
-        """0 for the oldest waiter of this model."""
+        """Requests for this model served before this one: 0 for the oldest interactive waiter;
+        a batch waiter also counts every interactive one."""
         return self._queues._position(self)
 
     @property
@@ -131,20 +145,43 @@ class WaitQueues:
         self.max_per_model = max_per_model
         self.recheck_s = recheck_s
         # dict as an ordered set: FIFO iteration and O(1) removal of a waiter from the middle.
-        self._queues: dict[str, dict[Ticket, None]] = {}
+        self._queues: dict[str, dict[Ticket, None]] = {}  # interactive lane
+        self._batch: dict[str, dict[Ticket, None]] = {}  # batch lane
         self._mean_wait_s: dict[str, float] = {}
 
     def depth(self, model: str) -> int:
-        """Requests waiting for `model` now (the Snapshot's `queued`, a metrics gauge)."""
-        queue = self._queues.get(model)
-        return len(queue) if queue else 0
+        """Requests waiting for `model` now, both lanes (the Snapshot's `queued`, a metrics gauge)."""
+        return len(self._queues.get(model, ())) + len(self._batch.get(model, ()))
 
     def depths(self) -> dict[str, int]:
         """Waiting requests per model, models with none left out."""
-        return {model: len(queue) for model, queue in self._queues.items() if queue}
+        models = set(self._queues) | set(self._batch)
+        return {m: d for m in sorted(models) if (d := self.depth(m))}
+
+    def ahead(self, model: str, lane: Lane = "interactive") -> int:
+        """How many waiters a new request of `lane` would find before it."""
+        interactive = len(self._queues.get(model, ()))
+        return interactive if lane == "interactive" else interactive + len(self._batch.get(model, ()))
+
+    def on_change(self, change: Change) -> None:
+        """The pool's change signal: wake whoever may decide differently now."""
+        if change.kind == "slot" and change.model is not None:
+            self._wake(change.model, 1)
+            for model in self._models():
+                if model != change.model:
+                    self._wake(model, 1)
+        elif change.kind == "progress" and change.model is not None:
+            self._wake(change.model, None)
+        else:
+            self.notify()
+
+    def _models(self) -> list[str]:
+        return list(dict.fromkeys([*self._queues, *self._batch]))
 
     @asynccontextmanager
-    async def waiting(self, model: str, timeout_s: float | None = None) -> AsyncIterator[Ticket]:
+    async def waiting(
+        self, model: str, timeout_s: float | None = None, lane: Lane = "interactive"
+    ) -> AsyncIterator[Ticket]:
         """Take a place at the back of `model`'s queue for the duration of the block.
 
         Raises QueueFull at once when the queue is full. `timeout_s` bounds the total time in the
@@ -155,9 +192,10 @@ class WaitQueues:
         depth = self.depth(model)
         if depth >= self.max_per_model:
             raise QueueFull(model, depth, self.retry_after_s(model))
-        queue = self._queues.setdefault(model, {})
+        lanes = self._queues if lane == "interactive" else self._batch
+        queue = lanes.setdefault(model, {})
         now = asyncio.get_running_loop().time()
-        ticket = Ticket(self, model, now, None if timeout_s is None else now + timeout_s)
+        ticket = Ticket(self, model, now, None if timeout_s is None else now + timeout_s, lane)
         queue[ticket] = None
         served = False
         try:
@@ -165,8 +203,8 @@ class WaitQueues:
             served = True
         finally:
             queue.pop(ticket, None)
-            if not queue and self._queues.get(model) is queue:
-                del self._queues[model]
+            if not queue and lanes.get(model) is queue:
+                del lanes[model]
             if served:
                 self._record_wait(model, asyncio.get_running_loop().time() - ticket.enqueued_at)
             elif ticket.notified:
@@ -181,7 +219,7 @@ class WaitQueues:
     def notify(self, model: str | None = None, count: int | None = None) -> int:
         """Wake the waiters of `model` (of every model when None), oldest first; with `count`, only
         that many per model that are not already woken. Returns how many were woken now."""
-        models = [model] if model is not None else list(self._queues)
+        models = [model] if model is not None else self._models()
         return sum(self._wake(m, count) for m in models)
 
     def retry_after_s(self, model: str) -> int:
@@ -193,18 +231,21 @@ class WaitQueues:
 
     def _wake(self, model: str, count: int | None) -> int:
         woken = 0
-        for ticket in self._queues.get(model, {}):
-            if count is not None and woken >= count:
-                break
-            if not ticket._woken.is_set():
-                ticket._woken.set()
-                woken += 1
+        for lane in (self._queues, self._batch):  # interactive first
+            for ticket in lane.get(model, {}):
+                if count is not None and woken >= count:
+                    return woken
+                if not ticket._woken.is_set():
+                    ticket._woken.set()
+                    woken += 1
         return woken
 
     def _position(self, ticket: Ticket) -> int:
-        for i, t in enumerate(self._queues.get(ticket.model, {})):
+        before = 0 if ticket.lane == "interactive" else len(self._queues.get(ticket.model, ()))
+        lane = self._queues if ticket.lane == "interactive" else self._batch
+        for i, t in enumerate(lane.get(ticket.model, {})):
             if t is ticket:
-                return i
+                return before + i
         return -1
 
     def _record_wait(self, model: str, waited_s: float) -> None:

@@ -44,6 +44,10 @@ class ApiKeys:
 
     api: tuple[str, ...] = ()
     admin: tuple[str, ...] = ()
+    batch: tuple[str, ...] = ()  # keys (also valid as api keys) whose requests go to the batch lane
+
+    def is_batch(self, token: str) -> bool:
+        return bool(token) and bool(self.batch) and _matches(token, self.batch)
 
     @property
     def enabled(self) -> bool:
@@ -79,7 +83,10 @@ def load_keys(settings: GatewaySettings, environ: Mapping[str, str]) -> ApiKeys:
     admin = _env_keys(environ, settings.admin_keys_env)
     if settings.admin_keys_file:
         admin += read_keys_file(settings.admin_keys_file, "gateway.admin_keys_file")
-    return ApiKeys(api=tuple(dict.fromkeys(api)), admin=tuple(dict.fromkeys(admin)))
+    batch = read_keys_file(settings.batch_keys_file, "gateway.batch_keys_file") if settings.batch_keys_file else []
+    # A batch key is a user key too: listing it in batch_keys_file is enough to let it in.
+    api += batch
+    return ApiKeys(api=tuple(dict.fromkeys(api)), admin=tuple(dict.fromkeys(admin)), batch=tuple(dict.fromkeys(batch)))
 
 
 def is_loopback_host(host: str) -> bool:

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from gateway import appkeys
 from gateway.api.fanout import Reply
-from gateway.fleet.pool import LiveBackend
+from gateway.routing.snapshot import BackendView
 
 CHUNK_BYTES = 1024 * 1024
 QUEUE_CHUNKS = 4
@@ -42,7 +42,7 @@ class _Sink:
 
 
 async def _send(
-    session: aiohttp.ClientSession, backend: LiveBackend, path: str, sink: _Sink, client_timeout: aiohttp.ClientTimeout
+    session: aiohttp.ClientSession, backend: BackendView, path: str, sink: _Sink, client_timeout: aiohttp.ClientTimeout
 ) -> Reply:
     try:
         async with session.post(
@@ -73,7 +73,7 @@ async def _feed(request: web.Request, sinks: Sequence[_Sink]) -> None:
                 await sink.queue.put(None)
 
 
-async def upload_to_all(request: web.Request, targets: Sequence[LiveBackend]) -> list[Reply]:
+async def upload_to_all(request: web.Request, targets: Sequence[BackendView]) -> list[Reply]:
     app = request.app
     connect_s = app[appkeys.SETTINGS].connect_timeout_s
     timeout = aiohttp.ClientTimeout(total=None, connect=connect_s)

@@ -1,9 +1,10 @@
 """Model-scoped requests: decide where each goes, wait when told to, forward, fail over, learn.
 
-For each request: parse (model, load options), ask `routing.choose()` over a fresh snapshot, and
-act on the decision. Send -> forward to that backend, counting it in flight; Wait -> park in the
-model's bounded queue and choose again when notified (503 + Retry-After when the queue is full or
-the wait times out); Reject -> the Ollama-shaped error. A backend that fails before the first byte
+For each request: parse (model, load options, lane), ask `routing.choose()` over a fresh snapshot,
+and act on the decision. Send -> forward to that backend, counting it in flight (the router sends a
+copy no more requests than it has slots); Wait -> park in the model's bounded queue, in its lane,
+and choose again when the pool's change signal wakes it (503 + Retry-After when the queue is full
+or the wait times out); Reject -> the Ollama-shaped error. A backend that fails before the first byte
 is excluded and the request is decided again, up to `retries` times. When the reply is complete,
 its final chunk tells the pool about residency (load_duration), decode rate and service time.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from dataclasses import replace
@@ -20,17 +22,35 @@ import aiohttp
 from aiohttp import web
 
 from gateway import appkeys
-from gateway.api.admission import QueueFull, QueueTimeout
+from gateway.api.admission import QueueFull, QueueTimeout, Ticket
+from gateway.api.auth import bearer_token
 from gateway.api.errors import BACKEND_HEADER, error_for
-from gateway.api.fanout import call_all
+from gateway.api.fanout import call_all, routable
 from gateway.api.parse import BadRequest, ModelCall, parse_model_call
 from gateway.api.proxy import AttemptFailed, ClientGone, HeldResponse, Outcome, forward
-from gateway.routing.policy import Decision, Reject, RouteRequest, Send, Wait, choose
+from gateway.fleet.work import Work
+from gateway.routing.policy import PRIORITIES, Decision, Priority, Reject, RouteRequest, Send, Wait, choose
 
 log = logging.getLogger(__name__)
 
 # Status recorded in metrics for a request whose client hung up (nginx's convention).
 CLIENT_CLOSED_STATUS = 499
+# The lane a request asks for (never forwarded upstream); keys in batch_keys_file are batch always.
+PRIORITY_HEADER = "X-Corral-Priority"
+# On a reply served at the loaded context instead of the larger num_ctx asked: "<used>; requested=<asked>".
+NUM_CTX_HEADER = "X-Corral-Num-Ctx"
+
+
+def request_priority(request: web.Request) -> Priority:
+    """The request's lane: a batch key's requests are batch whatever they ask (a batch key may not
+    raise itself); otherwise X-Corral-Priority, interactive by default. BadRequest for a value
+    that is neither."""
+    raw = request.headers.get(PRIORITY_HEADER, "").strip().lower()
+    if raw and raw not in PRIORITIES:
+        raise BadRequest(400, f"invalid {PRIORITY_HEADER} {raw!r}: expected one of {', '.join(PRIORITIES)}")
+    if request.app[appkeys.KEYS].is_batch(bearer_token(request)):
+        return "batch"
+    return "batch" if raw == "batch" else "interactive"
 
 
 class QueueRefused(Exception):
@@ -57,12 +77,13 @@ async def handle_model_call(request: web.Request) -> web.StreamResponse:
     try:
         body = b"" if path_model is not None else await read_body(request)
         call = parse_model_call(request.path, body, path_model)
+        priority = request_priority(request)
     except BadRequest as e:
         _count(request, "", "", e.status)
         return error_for(request, e.status, e.message)
     if call.unload:
         return await _unload(request, call, body, started_at)
-    return await _route(request, call, body, started_at)
+    return await _route(request, call, body, started_at, priority)
 
 
 def _model_label(request: web.Request, model: str) -> str:
@@ -74,9 +95,13 @@ def _count(request: web.Request, model: str, backend_id: str, status: int) -> No
     request.app[appkeys.METRICS].requests.labels(_model_label(request, model), backend_id or "none", str(status)).inc()
 
 
-def _decide(request: web.Request, route: RouteRequest) -> Decision:
+def _decide(request: web.Request, route: RouteRequest, ticket: Ticket | None = None) -> Decision:
+    """Choose over a fresh snapshot; `ahead` is the waiters served before this request: its place
+    in the queue when it waits, else those a newcomer of its lane finds there."""
     app = request.app
-    decision = choose(route, app[appkeys.POOL].snapshot(), app[appkeys.POLICY])
+    queues = app[appkeys.QUEUES]
+    ahead = ticket.position if ticket is not None else queues.ahead(route.model, route.priority)
+    decision = choose(replace(route, ahead=ahead), app[appkeys.POOL].snapshot(), app[appkeys.POLICY])
     kind = type(decision).__name__.lower()
     app[appkeys.METRICS].decisions.labels(kind, decision.reason).inc()
     if log.isEnabledFor(logging.DEBUG):  # the explanation is built only for someone reading it
@@ -93,10 +118,10 @@ async def _decide_or_wait(request: web.Request, route: RouteRequest) -> Send | R
     settings = app[appkeys.SETTINGS]
     queues = app[appkeys.QUEUES]
     try:
-        async with queues.waiting(route.model, timeout_s=settings.queue_timeout_s) as ticket:
+        async with queues.waiting(route.model, timeout_s=settings.queue_timeout_s, lane=route.priority) as ticket:
             while isinstance(decision, Wait):
                 await ticket.wait()
-                decision = _decide(request, route)
+                decision = _decide(request, route, ticket)
             return decision
     except QueueFull as e:
         raise QueueRefused(e.message, e.retry_after_s, "queue_full") from None
@@ -104,7 +129,9 @@ async def _decide_or_wait(request: web.Request, route: RouteRequest) -> Send | R
         raise QueueRefused(e.message, e.retry_after_s, "queue_timeout") from None
 
 
-async def _route(request: web.Request, call: ModelCall, body: bytes, started_at: float) -> web.StreamResponse:
+async def _route(
+    request: web.Request, call: ModelCall, body: bytes, started_at: float, priority: Priority = "interactive"
+) -> web.StreamResponse:
     app = request.app
     settings = app[appkeys.SETTINGS]
     metrics = app[appkeys.METRICS]
@@ -115,6 +142,8 @@ async def _route(request: web.Request, call: ModelCall, body: bytes, started_at:
         prompt_tokens=call.prompt_tokens,
         stream=call.stream,
         requested_as=call.requested_as,
+        num_predict=call.num_predict,
+        priority=priority,
     )
     held: HeldResponse | None = None
     last_failure = ""
@@ -137,7 +166,7 @@ async def _route(request: web.Request, call: ModelCall, body: bytes, started_at:
             headers = {"Retry-After": "1"} if decision.status == 503 else None
             return error_for(request, decision.status, decision.message, headers=headers)
         try:
-            return await _send(request, call, decision.backend_id, body, started_at)
+            return await _send(request, call, decision, body, started_at, priority)
         except AttemptFailed as e:
             held = e.held or held
             last_failure = e.message
@@ -155,33 +184,56 @@ async def _route(request: web.Request, call: ModelCall, body: bytes, started_at:
 
 
 async def _send(
-    request: web.Request, call: ModelCall, backend_id: str, body: bytes, started_at: float
+    request: web.Request,
+    call: ModelCall,
+    decision: Send,
+    body: bytes,
+    started_at: float,
+    priority: Priority = "interactive",
 ) -> web.StreamResponse:
     """One attempt on one backend, counted in flight. Raises AttemptFailed (retry elsewhere)."""
     app = request.app
     pool = app[appkeys.POOL]
-    live = pool.get(backend_id)
-    if live is None:  # removed between the decision and now
+    metrics = app[appkeys.METRICS]
+    backend_id = decision.backend_id
+    record = pool.record(backend_id)
+    if record is None:  # removed between the decision and now
         raise AttemptFailed(backend_id, "backend no longer registered")
+    extra_headers: dict[str, str] = {}
+    if decision.num_ctx is not None and call.options.num_ctx is not None:
+        body = _with_num_ctx(body, decision.num_ctx)
+        extra_headers[NUM_CTX_HEADER] = f"{decision.num_ctx}; requested={call.options.num_ctx}"
+        metrics.context_fits.labels(_model_label(request, call.model)).inc()
+    for planned in decision.evicts_planned:
+        log.warning(
+            "<%s> %s evicts planned model %s: no other backend can serve it (%s)",
+            backend_id,
+            call.model,
+            planned,
+            decision.note,
+        )
+        metrics.planned_evictions.labels(planned, backend_id).inc()
     counts = call.kind != "show"  # metadata calls occupy no slot
     cold = counts and not pool.is_resident(backend_id, call.model)
-    async with _maybe_hold(request, backend_id, call.model, counts):
+    async with _maybe_hold(request, backend_id, call, counts, priority) as work:
         if cold:
             pool.start_loading(backend_id, call.model)
+        sent_at = time.monotonic()
         try:
             outcome = await forward(
                 request,
                 app[appkeys.SESSION],
                 backend_id,
-                live.record.url,
+                record.url,
                 body,
                 connect_timeout_s=app[appkeys.SETTINGS].connect_timeout_s,
                 started_at=started_at,
+                on_tokens=work.add_tokens if work is not None else None,
+                extra_headers=extra_headers,
             )
         except AttemptFailed as e:
             if e.connection_failed and pool.mark_failure(backend_id, e.message):
-                app[appkeys.METRICS].ejections.labels(backend_id).inc()
-                app[appkeys.QUEUES].notify()
+                metrics.ejections.labels(backend_id).inc()
             raise
         except ClientGone as e:
             _count(request, call.model, backend_id, CLIENT_CLOSED_STATUS)
@@ -194,19 +246,38 @@ async def _send(
         finally:
             if cold:
                 pool.stop_loading(backend_id, call.model)
-    _learn(request, call, backend_id, outcome, started_at)
+        sequences = pool.in_flight_of(backend_id, call.model)
+        _learn(request, call, backend_id, outcome, started_at, time.monotonic() - sent_at, sequences)
     return outcome.response
 
 
+def _with_num_ctx(body: bytes, num_ctx: int) -> bytes:
+    """The request body with options.num_ctx replaced (the router checked it is a JSON object)."""
+    data = json.loads(body)
+    options = data.get("options")
+    data["options"] = {**(options if isinstance(options, dict) else {}), "num_ctx": num_ctx}
+    return json.dumps(data).encode()
+
+
 def _maybe_hold(
-    request: web.Request, backend_id: str, model: str, counts: bool
-) -> contextlib.AbstractAsyncContextManager[None]:
+    request: web.Request, backend_id: str, call: ModelCall, counts: bool, priority: Priority
+) -> contextlib.AbstractAsyncContextManager[Work | None]:
     if not counts:
         return contextlib.nullcontext()
-    return request.app[appkeys.IN_FLIGHT].hold(backend_id, model)
+    return request.app[appkeys.IN_FLIGHT].hold(
+        backend_id, call.model, num_predict=call.num_predict, stream=call.stream, interactive=priority == "interactive"
+    )
 
 
-def _learn(request: web.Request, call: ModelCall, backend_id: str, outcome: Outcome, started_at: float) -> None:
+def _learn(
+    request: web.Request,
+    call: ModelCall,
+    backend_id: str,
+    outcome: Outcome,
+    started_at: float,
+    sent_wall_s: float = 0.0,
+    sequences: int = 1,
+) -> None:
     app = request.app
     metrics = app[appkeys.METRICS]
     pool = app[appkeys.POOL]
@@ -222,12 +293,13 @@ def _learn(request: web.Request, call: ModelCall, backend_id: str, outcome: Outc
         metrics.midstream_failures.labels(backend_id).inc()
         if pool.mark_failure(backend_id, outcome.midstream_error):
             metrics.ejections.labels(backend_id).inc()
-            app[appkeys.QUEUES].notify()
         return
     pool.mark_success(backend_id)
     if outcome.final is None or outcome.status != 200 or call.kind == "show":
         return
-    facts = pool.observe_reply(backend_id, call.model, outcome.final, call.options, elapsed_s)
+    facts = pool.observe_reply(
+        backend_id, call.model, outcome.final, call.options, elapsed_s, sent_wall_s=sent_wall_s, sequences=sequences
+    )
     if facts.cold_load:
         metrics.cold_loads.labels(call.model, backend_id).inc()
         log.info("<%s> cold load of %s took %.1fs", backend_id, call.model, facts.load_s)
@@ -236,13 +308,14 @@ def _learn(request: web.Request, call: ModelCall, backend_id: str, outcome: Outc
 
 
 async def _unload(request: web.Request, call: ModelCall, body: bytes, started_at: float) -> web.StreamResponse:
-    """keep_alive 0 with nothing to generate: unload wherever the model is loaded. Sending it to a
-    backend where it is not loaded would be harmless (Ollama checks before scheduling), so with no
-    resident copy one backend that has the model answers. The answer is a failed backend's own
-    reply when there is one (the model may still be loaded there), else a success."""
+    """keep_alive 0 with nothing to generate: unload every copy, wherever the model is loaded, and
+    list them in X-Corral-Backend. Sending it to a backend where it is not loaded would be harmless
+    (Ollama checks before scheduling), so with no resident copy one backend that has the model
+    answers. The answer is a failed backend's own reply when there is one (the model may still be
+    loaded there), else a success."""
     app = request.app
     pool = app[appkeys.POOL]
-    targets = [live for live in pool.backends.values() if live.healthy and pool.is_resident(live.record.id, call.model)]
+    targets = [v for v in routable(pool) if v.resident_model(call.model) is not None]
     if not targets:
         return await _route(request, replace(call, kind="show"), body, started_at)
     connect_s = app[appkeys.SETTINGS].connect_timeout_s
@@ -250,13 +323,13 @@ async def _unload(request: web.Request, call: ModelCall, body: bytes, started_at
     replies = await call_all(app[appkeys.SESSION], targets, "POST", request.path, body, client_timeout=timeout)
     answered = [(r.status, r) for r in replies if r.status is not None]
     for _, reply in answered:
-        pool.forget_resident(reply.backend_id, call.model)
-    app[appkeys.QUEUES].notify()
+        pool.forget_resident(reply.backend_id, call.model)  # the pool's change signal wakes waiters
     if not answered:
         log.warning("unload of %s failed: %s", call.model, "; ".join(r.error for r in replies))
         _count(request, call.model, "", 502)
         return error_for(request, 502, f"no backend holding model '{call.requested_as}' answered")
     status, chosen = next(((s, r) for s, r in answered if s >= 300), answered[-1])
     _count(request, call.model, "all", status)
-    headers = {"Content-Type": chosen.content_type, BACKEND_HEADER: chosen.backend_id}
+    copies = ", ".join(r.backend_id for _, r in answered)
+    headers = {"Content-Type": chosen.content_type, BACKEND_HEADER: copies}
     return web.Response(status=status, body=chosen.body, headers=headers)

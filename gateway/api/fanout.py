@@ -16,20 +16,22 @@ from typing import Any
 import aiohttp
 
 from gateway.api.errors import error_text
-from gateway.fleet.pool import BackendPool, LiveBackend
+from gateway.fleet.pool import BackendPool
 from gateway.record import BackendState
+from gateway.routing.snapshot import BackendView
 
 
-def routable(pool: BackendPool) -> list[LiveBackend]:
-    """Backends that take requests now: healthy and ready, in id order."""
-    return [b for _, b in sorted(pool.backends.items()) if b.healthy and b.record.state == BackendState.READY]
+def routable(pool: BackendPool) -> list[BackendView]:
+    """Backends that take requests now: healthy and ready, in id order (from a fresh snapshot)."""
+    views = pool.snapshot().backends
+    return sorted((v for v in views if v.healthy and v.record.state == BackendState.READY), key=lambda v: v.id)
 
 
-def store_key(backend: LiveBackend) -> str:
+def store_key(backend: BackendView) -> str:
     return backend.record.store_id or f"backend:{backend.record.id}"
 
 
-def one_per_store(backends: Sequence[LiveBackend]) -> list[LiveBackend]:
+def one_per_store(backends: Sequence[BackendView]) -> list[BackendView]:
     """The first backend of each distinct model store."""
     seen: set[str] = set()
     chosen = []
@@ -63,7 +65,7 @@ class Reply:
 
 async def call(
     session: aiohttp.ClientSession,
-    backend: LiveBackend,
+    backend: BackendView,
     method: str,
     path: str,
     body: bytes | None = None,
@@ -84,7 +86,7 @@ async def call(
 
 async def call_all(
     session: aiohttp.ClientSession,
-    backends: Sequence[LiveBackend],
+    backends: Sequence[BackendView],
     method: str,
     path: str,
     body: bytes | None = None,

@@ -24,8 +24,9 @@ from gateway.api.fanout import Reply, call_all, one_per_store, routable, store_k
 from gateway.api.parse import BadRequest, parse_body
 from gateway.api.progress import merged_progress
 from gateway.api.proxy import AttemptFailed, ClientGone, forward
-from gateway.fleet.pool import LiveBackend, parse_timestamp
+from gateway.fleet.pool import parse_timestamp
 from gateway.routing.policy import Reject, RouteRequest, Send, choose
+from gateway.routing.snapshot import BackendView
 from launcher.facts.catalog import normalize_name
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ async def tags(request: web.Request) -> web.Response:
             models = [m for m in body["models"] if isinstance(m, dict)]
             pool.apply_tags(backend.record.id, models)
         else:
-            models = backend.tags  # unreachable now: what the last poll saw
+            models = pool.tags(backend.record.id)  # unreachable now: what the last poll saw
         for m in models:
             name = normalize_name(str(m.get("model") or m.get("name") or ""))
             merged.setdefault(name, m)
@@ -93,16 +94,45 @@ async def openai_models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": list(merged.values())})
 
 
-def annotate(model: dict[str, Any], backend: LiveBackend) -> dict[str, Any]:
-    """A /api/ps row with where it lives: extra fields, ignored by clients that do not know them."""
+def copy_row(model: dict[str, Any], backend: BackendView) -> dict[str, Any]:
+    """One copy of a model as `corral_copies` lists it: where it lives and what it takes there."""
     record = backend.record
     return {
-        **model,
-        "corral_backend": record.id,
-        "corral_host": record.host,
-        "corral_gpus": list(record.gpu_names),
-        "corral_gpu_uuids": list(record.gpu_uuids),
+        "backend": record.id,
+        "host": record.host,
+        "gpus": list(record.gpu_names),
+        "gpu_uuids": list(record.gpu_uuids),
+        "size": model.get("size", 0),
+        "size_vram": model.get("size_vram", 0),
+        "context_length": model.get("context_length", 0),
+        "expires_at": model.get("expires_at"),
     }
+
+
+def _number(value: object) -> int:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
+
+
+def merge_ps_rows(rows: list[tuple[dict[str, Any], BackendView]]) -> list[dict[str, Any]]:
+    """/api/ps rows from every backend, one per model like Ollama's: sizes summed, the latest
+    expires_at, the largest context_length, and the copies in `corral_copies` (a field official
+    clients ignore). Longest remaining keep-alive first, as Ollama lists them."""
+    merged: dict[str, dict[str, Any]] = {}
+    for row, backend in rows:
+        name = normalize_name(str(row.get("model") or row.get("name") or ""))
+        entry = merged.get(name)
+        if entry is None:
+            merged[name] = {**row, "corral_copies": [copy_row(row, backend)]}
+            continue
+        entry["corral_copies"].append(copy_row(row, backend))
+        entry["size"] = _number(entry.get("size")) + _number(row.get("size"))
+        entry["size_vram"] = _number(entry.get("size_vram")) + _number(row.get("size_vram"))
+        entry["context_length"] = max(_number(entry.get("context_length")), _number(row.get("context_length")))
+        if (parse_timestamp(row.get("expires_at")) or 0.0) > (parse_timestamp(entry.get("expires_at")) or 0.0):
+            entry["expires_at"] = row.get("expires_at")
+    listing = list(merged.values())
+    listing.sort(key=lambda m: parse_timestamp(m.get("expires_at")) or 0.0, reverse=True)
+    return listing
 
 
 async def ps(request: web.Request) -> web.Response:
@@ -110,17 +140,15 @@ async def ps(request: web.Request) -> web.Response:
     targets = routable(pool)
     started_at = time.time()
     replies = await call_all(request.app[appkeys.SESSION], targets, "GET", "/api/ps", client_timeout=_timeout(request))
-    rows: list[dict[str, Any]] = []
+    rows: list[tuple[dict[str, Any], BackendView]] = []
     for backend, reply in zip(targets, replies, strict=True):
         body = reply.json() if reply.status == 200 else None
         if not isinstance(body, dict) or not isinstance(body.get("models"), list):
             continue
         models = [m for m in body["models"] if isinstance(m, dict)]
         pool.apply_ps(backend.record.id, models, started_at)
-        rows.extend(annotate(m, backend) for m in models)
-    # Ollama lists the longest remaining keep-alive first.
-    rows.sort(key=lambda m: parse_timestamp(m.get("expires_at")) or 0.0, reverse=True)
-    return web.json_response({"models": rows})
+        rows.extend((m, backend) for m in models)
+    return web.json_response({"models": merge_ps_rows(rows)})
 
 
 # -- management ----------------------------------------------------------------------------------
@@ -144,8 +172,8 @@ async def _refresh(request: web.Request, stores: set[str]) -> None:
     """Re-read the inventory of every backend on these stores (after it changed through us)."""
     app = request.app
     poller = app[appkeys.POLLER]
+    # A changed inventory wakes waiting requests through the pool's change signal.
     await asyncio.gather(*(poller.poll(b.record.id) for b in routable(app[appkeys.POOL]) if store_key(b) in stores))
-    app[appkeys.QUEUES].notify()
 
 
 def _no_backend(request: web.Request) -> web.Response:
@@ -239,15 +267,15 @@ async def push(request: web.Request) -> web.StreamResponse:
 
 async def _forward_once(request: web.Request, backend_id: str, body: bytes | None) -> web.StreamResponse:
     app = request.app
-    live = app[appkeys.POOL].get(backend_id)
-    if live is None:
+    record = app[appkeys.POOL].record(backend_id)
+    if record is None:
         return _no_backend(request)
     try:
         outcome = await forward(
             request,
             app[appkeys.SESSION],
             backend_id,
-            live.record.url,
+            record.url,
             body,
             connect_timeout_s=app[appkeys.SETTINGS].connect_timeout_s,
             started_at=time.monotonic(),

@@ -64,6 +64,7 @@ class ModelCall:
     stream: bool
     prompt_tokens: int
     unload: bool  # empty prompt or messages with keep_alive 0: unload wherever it is loaded
+    num_predict: int | None = None  # the answer's cap when the request sets one (options or max_tokens)
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
@@ -147,4 +148,22 @@ def parse_model_call(path: str, body: bytes, path_model: str | None = None) -> M
         stream=stream,
         prompt_tokens=prompt_bytes // BYTES_PER_TOKEN,
         unload=not openai and _is_unload(kind, data),
+        num_predict=_num_predict(data, options, openai),
     )
+
+
+# Where each API caps the answer's length: Ollama's options.num_predict, OpenAI's max_tokens (and
+# its newer names), Anthropic's max_tokens.
+_OPENAI_CAPS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+
+
+def _num_predict(data: Mapping[str, Any], options: Mapping[str, Any] | None, openai: bool) -> int | None:
+    """The request's own answer cap, for the wait model; None when unset or not a positive count
+    (Ollama's -1 and -2 mean "no cap")."""
+    values: list[object] = [options.get("num_predict")] if options else []
+    if openai:
+        values = [data.get(key) for key in _OPENAI_CAPS]
+    for value in values:
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            return int(value)
+    return None

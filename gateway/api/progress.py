@@ -22,7 +22,7 @@ from aiohttp import web
 from gateway import appkeys
 from gateway.api.errors import BACKEND_HEADER, error_for, error_text
 from gateway.api.fanout import ProgressMerger, ndjson_lines
-from gateway.fleet.pool import LiveBackend
+from gateway.routing.snapshot import BackendView
 
 QUEUE_SIZE = 64
 
@@ -61,7 +61,7 @@ _Event = _Line | _Refused | _Broken | _Done
 
 async def _pump(
     session: aiohttp.ClientSession,
-    backend: LiveBackend,
+    backend: BackendView,
     path: str,
     body: bytes,
     client_timeout: aiohttp.ClientTimeout,
@@ -90,7 +90,7 @@ def _line(value: dict[str, Any]) -> bytes:
 
 
 async def merged_progress(
-    request: web.Request, path: str, targets: Sequence[LiveBackend], body: bytes, stream: bool
+    request: web.Request, path: str, targets: Sequence[BackendView], body: bytes, stream: bool
 ) -> web.StreamResponse:
     """Run `path` on every target and answer with one merged progress reply."""
     app = request.app

@@ -18,7 +18,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +57,15 @@ HOP_BY_HOP: frozenset[str] = frozenset(
 # Expect would make the backend answer 100-continue to a body we already hold, and Origin was
 # already checked by the gateway's CORS policy: passed on, it would make Ollama's own CORS check
 # refuse (403) every browser origin allowed only by `[gateway] cors_origins`.
-DROP_REQUEST_HEADERS: frozenset[str] = HOP_BY_HOP | {"host", "content-length", "authorization", "expect", "origin"}
+# X-Corral-Priority chooses the gateway's lane and means nothing to a backend.
+DROP_REQUEST_HEADERS: frozenset[str] = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "authorization",
+    "expect",
+    "origin",
+    "x-corral-priority",
+}
 # Reply headers not to forward: the body is re-framed by this server (chunked, or with its own
 # Content-Length when the whole reply is already here), which also sets its own Date and Server.
 DROP_RESPONSE_HEADERS: frozenset[str] = HOP_BY_HOP | {"content-length", "date", "server"}
@@ -189,12 +197,16 @@ async def forward(
     connect_timeout_s: float,
     started_at: float,
     path: str | None = None,
+    on_tokens: Callable[[int], None] | None = None,
+    extra_headers: Mapping[str, str] | None = None,
 ) -> Outcome:
     """Send `request` (with `body`) to the backend and stream the reply to the client.
 
     Raises AttemptFailed before the first byte was written (nothing sent to the client yet), and
     ClientGone when the client hung up. Once the reply has started it always returns an Outcome,
-    with `midstream_error` set when the backend failed during it."""
+    with `midstream_error` set when the backend failed during it. `on_tokens` is called with the
+    count of NDJSON lines or SSE events in each streamed chunk relayed (about one token each: what
+    the router's wait model reads); `extra_headers` are added to the reply."""
     url = base_url.rstrip("/") + (path if path is not None else request.path_qs)
     if isinstance(body, bytes) and len(body) > LARGE_BODY_BYTES:
         # aiohttp writes a large bytes body in one go (and warns); a file-like one goes in chunks.
@@ -216,14 +228,31 @@ async def forward(
     except CONNECT_ERRORS as e:
         raise AttemptFailed(backend_id, _describe(e)) from e
     try:
-        return await _relay(request, upstream, backend_id, started_at)
+        return await _relay(request, upstream, backend_id, started_at, on_tokens, extra_headers or {})
     finally:
         # Closing (not releasing) drops the connection when the reply did not finish, which is how
         # the backend learns that the client went away.
         upstream.close()
 
 
-async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, backend_id: str, started_at: float) -> Outcome:
+def _token_counter(sse: bool, on_tokens: Callable[[int], None] | None) -> Callable[[bytes], None]:
+    """Counts stream events per chunk: SSE events end with a blank line, NDJSON objects with one
+    newline. A separator split across two chunks is missed at worst once: a count, not a parse."""
+    if on_tokens is None:
+        return lambda chunk: None
+    separator = b"\n\n" if sse else b"\n"
+    report = on_tokens
+    return lambda chunk: report(chunk.count(separator))
+
+
+async def _relay(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    backend_id: str,
+    started_at: float,
+    on_tokens: Callable[[int], None] | None = None,
+    extra_headers: Mapping[str, str] | None = None,
+) -> Outcome:
     if upstream.status >= 500:
         held_body = await _read_held_body(upstream)
         held = HeldResponse(backend_id, upstream.status, CIMultiDict(upstream.headers), held_body)
@@ -239,23 +268,25 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, backend
         # The whole reply is already here (a non-streamed answer): one write with its length
         # instead of a chunked reply and a separate terminating chunk.
         tap.feed(first)
-        whole = web.Response(
-            status=upstream.status, reason=upstream.reason, headers=reply_headers(upstream, backend_id), body=first
-        )
+        headers = reply_headers(upstream, backend_id)
+        headers.update(extra_headers or {})
+        whole = web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=first)
         try:
             await whole.prepare(request)
             await whole.write_eof()
         except (ConnectionError, aiohttp.ClientConnectionResetError) as e:
             raise ClientGone(whole, str(e)) from e
         return Outcome(whole, upstream.status, first_byte_s, tap.final(), None)
-    response = web.StreamResponse(
-        status=upstream.status, reason=upstream.reason, headers=reply_headers(upstream, backend_id)
-    )
+    headers = reply_headers(upstream, backend_id)
+    headers.update(extra_headers or {})
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+    count_tokens = _token_counter(sse, on_tokens)
     try:
         await response.prepare(request)
         if first:
             tap.feed(first)
+            count_tokens(first)
             await response.write(first)
     except (ConnectionError, aiohttp.ClientConnectionResetError) as e:
         raise ClientGone(response, str(e)) from e
@@ -270,6 +301,7 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse, backend
             break
         if chunk:
             tap.feed(chunk)
+            count_tokens(chunk)
             try:
                 await response.write(chunk)
             except (ConnectionError, aiohttp.ClientConnectionResetError) as e:

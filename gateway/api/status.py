@@ -14,7 +14,6 @@ from typing import Any
 from aiohttp import web
 
 from gateway import appkeys
-from gateway.fleet.pool import LiveBackend
 from gateway.routing.snapshot import BackendView
 
 
@@ -25,15 +24,11 @@ def corral_version() -> str:
         return "0.0.0"
 
 
-def backend_status(live: LiveBackend, view: BackendView) -> dict[str, Any]:
+def backend_status(health: dict[str, Any], view: BackendView) -> dict[str, Any]:
     """One backend's row: its record, health bookkeeping, and what the router sees of it."""
     return {
-        **live.record.to_json(),
-        "healthy": live.healthy,
-        "ejected_until": live.ejected_until or None,
-        "consecutive_failures": live.failures,
-        "health_error": live.last_error,
-        "ollama_version": live.version,
+        **view.record.to_json(),
+        **health,
         "installed": sorted(view.installed),
         "resident": [
             {
@@ -77,6 +72,6 @@ async def status(request: web.Request) -> web.Response:
             "queue_size": settings.queue_size,
         },
         "gpus": gpus,
-        "backends": [backend_status(pool.backends[view.id], view) for view in sorted(pool.views(), key=lambda v: v.id)],
+        "backends": [backend_status(pool.health(view.id), view) for view in sorted(pool.views(), key=lambda v: v.id)],
     }
     return web.json_response(body)

@@ -1,10 +1,12 @@
 """In-flight accounting: requests sent to a backend and not finished, per (backend, model).
 
 The count lives in the state store (atomic counters shared by every gateway of the fleet) and is
-mirrored in the pool for the router. The mirror moves by one, synchronously, so the next decision
-already sees a request even before the store answers; the poller replaces it with the store's
-fleet-wide sums every poll. The store's own replies are not copied into the mirror: a shared store
-answers an increment with this gateway's count alone, which would hide other gateways' requests.
+mirrored in the pool for the router. The mirror moves by one, synchronously (`pool.begin` /
+`pool.end`), so the next decision already sees a request even before the store answers; the poller
+replaces it with the store's fleet-wide sums every poll. Ending a request is what frees its slot:
+the pool announces that itself, through its one change signal. The store's own replies are not
+copied into the mirror: a shared store answers an increment with this gateway's count alone,
+which would hide other gateways' requests.
 Store calls are shielded and the decrement runs as its own task, so a client hanging up at any
 point (which cancels the handler) can neither leak nor double-count a request; an increment the
 store refused is not decremented there either.
@@ -14,39 +16,45 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from gateway.fleet.pool import BackendPool
+from gateway.fleet.work import Work
 from gateway.state.memory import StateStore
 
 log = logging.getLogger(__name__)
 
 
 class InFlight:
-    def __init__(self, store: StateStore, pool: BackendPool, on_release: Callable[[str, str], None]) -> None:
+    def __init__(self, store: StateStore, pool: BackendPool) -> None:
         self._store = store
         self._pool = pool
-        self._on_release = on_release
         self._pending: set[asyncio.Task[None]] = set()
 
     @asynccontextmanager
-    async def hold(self, backend_id: str, model: str) -> AsyncIterator[None]:
-        """Count one request for the duration of the block. Call it right after the decision, with
-        no await in between, so that concurrent decisions see each other."""
-        self._pool.bump_in_flight(backend_id, model, +1)
-        self._pool.touch(backend_id, model)
+    async def hold(
+        self,
+        backend_id: str,
+        model: str,
+        *,
+        num_predict: int | None = None,
+        stream: bool = True,
+        interactive: bool = True,
+    ) -> AsyncIterator[Work]:
+        """Count one request for the duration of the block; the `Work` it yields takes the proxy's
+        token counts. Call it right after the decision, with no await in between, so that
+        concurrent decisions see each other."""
+        work = self._pool.begin(backend_id, model, num_predict=num_predict, stream=stream, interactive=interactive)
         incr = asyncio.ensure_future(self._incr(backend_id, model))
         try:
             await asyncio.shield(incr)
-            yield
+            yield work
         finally:
-            self._pool.bump_in_flight(backend_id, model, -1)
-            self._pool.touch(backend_id, model)
+            self._pool.end(work)
             task = asyncio.create_task(self._decr_after(incr, backend_id, model))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
-            self._on_release(backend_id, model)
 
     async def _incr(self, backend_id: str, model: str) -> bool:
         """Count the request in the store; False when the store refused (the mirror still counts)."""

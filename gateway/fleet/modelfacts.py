@@ -32,6 +32,7 @@ def facts_from_spec(spec: ModelSpec, name: str, size_bytes: int = 0) -> ModelFac
         overhead_bytes=perf.card_overhead_bytes(spec, perf.LoadOptions()),
         context_length=spec.context_length,
         embedding_only=spec.embedding_only,
+        single_slot=spec.single_slot,
     )
 
 

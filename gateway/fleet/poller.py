@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -40,14 +39,12 @@ class Poller:
         store: StateStore,
         session: aiohttp.ClientSession,
         metrics: Metrics,
-        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.pool = pool
         self.store = store
         self.session = session
         self.metrics = metrics
-        self.on_change = on_change
         self._tasks: dict[str, list[asyncio.Task[None]]] = {}
         self._main: asyncio.Task[None] | None = None
         self._facts_pending: set[str] = set()
@@ -59,7 +56,7 @@ class Poller:
 
     async def start(self) -> None:
         await self.sync_records()
-        await asyncio.gather(*(self._first_round(b) for b in list(self.pool.backends)))
+        await asyncio.gather(*(self._first_round(b) for b in self.pool.ids()))
         self._main = asyncio.create_task(self._follow_store(), name="corral-records")
 
     async def stop(self) -> None:
@@ -84,18 +81,18 @@ class Poller:
                 task.cancel()
             log.info("<%s> removed", backend_id)
         for backend_id in changes.added:
-            log.info("<%s> added: %s", backend_id, self.pool.backends[backend_id].record.url)
+            record = self.pool.record(backend_id)
+            log.info("<%s> added: %s", backend_id, record.url if record else "?")
         for backend_id in changes.changed:
-            log.info("<%s> now %s", backend_id, self.pool.backends[backend_id].record.state)
+            record = self.pool.record(backend_id)
+            log.info("<%s> now %s", backend_id, record.state if record else "?")
         if self._main is not None:  # after start(): new backends get their first round in their tasks
             for backend_id in changes.added:
                 self._start_tasks(backend_id)
         self.pool.replace_in_flight(await self.store.in_flight())
-        if changes:
-            self.on_change()
 
     async def _follow_store(self) -> None:
-        for backend_id in self.pool.backends:
+        for backend_id in self.pool.ids():
             if backend_id not in self._tasks:
                 self._start_tasks(backend_id)
         while True:
@@ -119,11 +116,11 @@ class Poller:
 
     async def check(self, backend_id: str) -> bool:
         """One health check; updates the pool. Returns whether the backend answered."""
-        live = self.pool.get(backend_id)
-        if live is None:
+        record = self.pool.record(backend_id)
+        if record is None:
             return False
         try:
-            async with self.session.get(live.record.url + "/api/version", timeout=self._check_timeout) as resp:
+            async with self.session.get(record.url + "/api/version", timeout=self._check_timeout) as resp:
                 if resp.status != 200:
                     raise aiohttp.ClientResponseError(
                         resp.request_info, (), status=resp.status, message=resp.reason or ""
@@ -132,11 +129,9 @@ class Poller:
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
             if self.pool.mark_failure(backend_id, _describe(e)):
                 self.metrics.ejections.labels(backend_id).inc()
-                self.on_change()
             return False
         version = body.get("version") if isinstance(body, dict) else None
-        if self.pool.mark_success(backend_id, str(version) if version else None):
-            self.on_change()
+        self.pool.mark_success(backend_id, str(version) if version else None)
         return True
 
     async def _health_loop(self, backend_id: str) -> None:
@@ -148,37 +143,28 @@ class Poller:
             await asyncio.sleep(self.settings.health_interval_s)
 
     def _healthy(self, backend_id: str) -> bool:
-        live = self.pool.get(backend_id)
-        return live is not None and live.healthy
+        return self.pool.healthy(backend_id)
 
     # -- polls -----------------------------------------------------------------------------------
 
     async def poll(self, backend_id: str) -> bool:
         """Fetch /api/tags and /api/ps into the pool. Returns whether both answered."""
-        live = self.pool.get(backend_id)
-        if live is None:
+        record = self.pool.record(backend_id)
+        if record is None:
             return False
         started_at = time.time()
         try:
             tags, ps = await asyncio.gather(
-                self._get_json(live.record.url + "/api/tags"), self._get_json(live.record.url + "/api/ps")
+                self._get_json(record.url + "/api/tags"), self._get_json(record.url + "/api/ps")
             )
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
             log.debug("<%s> poll failed: %s", backend_id, _describe(e))
             return False
-        before = self._residency(backend_id)
+        # The pool announces what changed (inventory, residency) through its change signal.
         self.pool.apply_tags(backend_id, _models(tags))
         self.pool.apply_ps(backend_id, _models(ps), started_at)
         self._learn_facts(backend_id)
-        if self._residency(backend_id) != before:
-            self.on_change()
         return True
-
-    def _residency(self, backend_id: str) -> tuple[frozenset[str], frozenset[str]]:
-        live = self.pool.get(backend_id)
-        if live is None:
-            return frozenset(), frozenset()
-        return live.installed, frozenset(live.merged_resident())
 
     async def _poll_loop(self, backend_id: str) -> None:
         while True:
@@ -196,19 +182,16 @@ class Poller:
     # -- model facts -----------------------------------------------------------------------------
 
     def _learn_facts(self, backend_id: str) -> None:
-        live = self.pool.get(backend_id)
-        if live is None:
-            return
         now = time.time()
-        for tag in live.tags:
+        for tag in self.pool.tags(backend_id):
             name = row_model_name(tag)
-            if not name or name in self.pool.facts or name in self._facts_pending:
+            if not name or self.pool.has_facts(name) or name in self._facts_pending:
                 continue
             raw_size = tag.get("size")
             size = int(raw_size) if isinstance(raw_size, int | float) else 0
             facts = facts_from_catalog(name, size)
             if facts is not None:
-                self.pool.facts[name] = facts
+                self.pool.set_facts(name, facts)
             elif now - self._facts_failed_at.get(name, -FACTS_RETRY_S) >= FACTS_RETRY_S:
                 self._facts_pending.add(name)
                 task = asyncio.create_task(self._fetch_facts(backend_id, name, str(tag.get("model") or name), size))
@@ -216,16 +199,16 @@ class Poller:
                 task.add_done_callback(self._background.discard)
 
     async def _fetch_facts(self, backend_id: str, name: str, wire_name: str, size: int) -> None:
-        live = self.pool.get(backend_id)
+        record = self.pool.record(backend_id)
         try:
-            if live is None:
+            if record is None:
                 return
-            show = await self._get_json(live.record.url + "/api/show", {"model": wire_name})
+            show = await self._get_json(record.url + "/api/show", {"model": wire_name})
             facts = facts_from_show(name, show, size) if isinstance(show, dict) else None
             if facts is None:
                 self._facts_failed_at[name] = time.time()
             else:
-                self.pool.facts[name] = facts
+                self.pool.set_facts(name, facts)
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
             log.debug("<%s> /api/show %s failed: %s", backend_id, name, _describe(e))
             self._facts_failed_at[name] = time.time()

@@ -1,9 +1,12 @@
 """The backend pool: everything the gateway knows about its backends, and the router's snapshot.
 
-The pool is plain in-memory state, changed only by the poller (records, health, /api/tags,
-/api/ps, model facts) and by the proxy (in-flight counts, what replies revealed). `snapshot()`
-turns it into the immutable `Snapshot` the router reads; it does no I/O, so it is safe on the hot
-path. All methods are synchronous and must be called from the event loop's thread.
+The pool's state is private. It is changed through its methods only: by the poller (records,
+health, /api/tags, /api/ps, model facts) and by the request path (requests begun and ended, what
+replies revealed). It is read through `snapshot()` (the immutable `Snapshot` the router and the
+handlers use; no I/O, safe on the hot path) and a few small accessors. Every change that can alter
+a routing decision is announced once, through the listeners given to `subscribe` (the one signal
+that wakes the gateway's waiting requests). All methods are synchronous and must be called from the
+event loop's thread.
 
 Health: a backend is routable once a health check or poll succeeded. After `eject_after_failures`
 consecutive failures (active checks or proxied attempts) it is ejected for `eject_for_s`; after
@@ -15,95 +18,30 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from datetime import datetime
 from typing import Any
 
 from gateway.config import GatewaySettings
+from gateway.fleet.live import (
+    EWMA_ALPHA,
+    LiveBackend,
+    RecordChanges,
+    ReplyFacts,
+    _int,
+    _routing_fields,
+    learn_from_reply,
+    parse_timestamp,
+    row_model_name,
+)
+from gateway.fleet.work import Change, Listener, Work
 from gateway.record import BackendRecord
-from gateway.routing.cost import loaded_num_ctx
-from gateway.routing.snapshot import BackendView, LoadOptions, ModelFacts, ObservedStats, ResidentModel, Snapshot
-from launcher.facts.catalog import normalize_name
+from gateway.routing.snapshot import BackendView, LoadOptions, ModelFacts, ResidentModel, Snapshot
+
+__all__ = ["BackendPool", "LiveBackend", "RecordChanges", "ReplyFacts", "parse_timestamp", "row_model_name"]
 
 log = logging.getLogger(__name__)
 
-# Weight of a new sample in the exponentially averaged rates.
-EWMA_ALPHA = 0.3
-
-
-def parse_timestamp(value: object) -> float | None:
-    """Epoch seconds of an RFC 3339 timestamp as Ollama writes them; None when absent or invalid."""
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return datetime.fromisoformat(value).timestamp()
-    except ValueError:
-        return None
-
-
-def row_model_name(row: Mapping[str, Any]) -> str:
-    """The normalized model name of an /api/tags or /api/ps row; "" when it names none."""
-    raw = str(row.get("model") or row.get("name") or "").strip()
-    return normalize_name(raw) if raw else ""
-
-
-def _int(value: object) -> int:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
-
-
-def _ewma(old: float, sample: float, samples: int) -> float:
-    return sample if samples == 0 or old == 0 else old * (1 - EWMA_ALPHA) + sample * EWMA_ALPHA
-
-
-@dataclass
-class RecordChanges:
-    added: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    changed: list[str] = field(default_factory=list)  # same backend, new state or shape
-
-    def __bool__(self) -> bool:
-        return bool(self.added or self.removed or self.changed)
-
-
-def _routing_fields(record: BackendRecord) -> BackendRecord:
-    return replace(record, updated_at=0.0)
-
-
-@dataclass(frozen=True)
-class ReplyFacts:
-    """What one finished reply told us (from its final chunk)."""
-
-    cold_load: bool
-    load_s: float
-    tokens_per_s: float
-
-
-@dataclass
-class LiveBackend:
-    """Mutable state of one backend; only the pool changes it."""
-
-    record: BackendRecord
-    healthy: bool = False  # not routable until a check succeeds
-    failures: int = 0  # consecutive
-    ejected_until: float = 0.0  # epoch seconds; 0 = not ejected
-    version: str = ""
-    last_error: str = ""
-    checked_at: float = 0.0
-    tags: list[dict[str, Any]] = field(default_factory=list)  # /api/tags "models", as the backend sent them
-    installed: frozenset[str] = frozenset()
-    inventory_known: bool = False  # /api/tags answered at least once
-    resident: dict[str, ResidentModel] = field(default_factory=dict)  # from the last /api/ps
-    # Residency the gateway saw in replies, kept until a poll that started later confirms or drops it.
-    seen_resident: dict[str, tuple[ResidentModel, float]] = field(default_factory=dict)
-    observed: dict[str, ObservedStats] = field(default_factory=dict)
-    loading: dict[str, int] = field(default_factory=dict)  # model -> requests sent while not resident
-    last_used: dict[str, float] = field(default_factory=dict)  # model -> epoch seconds of the last request
-
-    def merged_resident(self) -> dict[str, ResidentModel]:
-        merged = dict(self.resident)
-        for name, (model, _) in self.seen_resident.items():
-            merged.setdefault(name, model)
-        return merged
+# Expected answer length of a request without num_predict before any reply taught the typical one.
+DEFAULT_ANSWER_TOKENS = 256
 
 
 class BackendPool:
@@ -117,15 +55,87 @@ class BackendPool:
         self.settings = settings
         self._clock = clock
         self._queue_depths = queue_depths or dict
-        self.backends: dict[str, LiveBackend] = {}
-        self.facts: dict[str, ModelFacts] = {}
-        self.in_flight: dict[str, dict[str, int]] = {}
+        self._backends: dict[str, LiveBackend] = {}
+        self._facts: dict[str, ModelFacts] = {}
+        # Fleet-wide requests in flight per backend and model: the store's sums, and this gateway's
+        # own count wherever the store has not caught up with it yet.
+        self._in_flight: dict[str, dict[str, int]] = {}
+        self._work: dict[str, dict[str, list[Work]]] = {}  # backend -> model -> this gateway's requests
+        self._listeners: list[Listener] = []
+        # Backend seconds per wall second (a time-scaled simulator runs faster than the wall clock),
+        # learned from replies: what turns a request's elapsed wall time into the backend's clock.
+        self._backend_s_per_s = 1.0
 
-    def set_queue_depths(self, source: Callable[[], Mapping[str, int]]) -> None:
-        self._queue_depths = source
+    # -- the change signal -----------------------------------------------------------------------
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call `listener` after every change that may alter a routing decision."""
+        self._listeners.append(listener)
+
+    def _changed(self, change: Change) -> None:
+        for listener in self._listeners:
+            listener(change)
 
     def queue_depths(self) -> Mapping[str, int]:
         return self._queue_depths()
+
+    # -- read API ----------------------------------------------------------------------------------
+
+    def ids(self) -> list[str]:
+        return sorted(self._backends)
+
+    def record(self, backend_id: str) -> BackendRecord | None:
+        live = self._backends.get(backend_id)
+        return live.record if live is not None else None
+
+    def healthy(self, backend_id: str) -> bool:
+        live = self._backends.get(backend_id)
+        return live is not None and live.healthy
+
+    def installed(self, backend_id: str) -> frozenset[str]:
+        live = self._backends.get(backend_id)
+        return live.installed if live is not None else frozenset()
+
+    def residency(self, backend_id: str) -> tuple[frozenset[str], frozenset[str]]:
+        """(installed, resident) model names there."""
+        live = self._backends.get(backend_id)
+        if live is None:
+            return frozenset(), frozenset()
+        return live.installed, frozenset(live.merged_resident())
+
+    def tags(self, backend_id: str) -> list[dict[str, Any]]:
+        """The backend's last /api/tags rows (copies)."""
+        live = self._backends.get(backend_id)
+        return [dict(t) for t in live.tags] if live is not None else []
+
+    def health(self, backend_id: str) -> dict[str, Any]:
+        """Health bookkeeping for status pages."""
+        live = self._backends.get(backend_id)
+        if live is None:
+            return {}
+        return {
+            "healthy": live.healthy,
+            "ejected_until": live.ejected_until or None,
+            "consecutive_failures": live.failures,
+            "health_error": live.last_error,
+            "ollama_version": live.version,
+        }
+
+    def has_facts(self, model: str) -> bool:
+        return model in self._facts
+
+    def facts(self, model: str) -> ModelFacts | None:
+        return self._facts.get(model)
+
+    def set_facts(self, model: str, facts: ModelFacts) -> None:
+        self._facts[model] = facts
+        self._changed(Change("fleet", model))
+
+    def in_flight_of(self, backend_id: str, model: str) -> int:
+        return self._in_flight.get(backend_id, {}).get(model, 0)
+
+    def in_flight_counts(self) -> dict[str, dict[str, int]]:
+        return {b: dict(m) for b, m in self._in_flight.items()}
 
     # -- records ---------------------------------------------------------------------------------
 
@@ -134,12 +144,12 @@ class BackendPool:
         backend on a new port) counts as removed and added: what was known about it is dropped."""
         current = {r.id: r for r in records}
         changes = RecordChanges()
-        for backend_id in list(self.backends):
-            live = self.backends[backend_id]
+        for backend_id in list(self._backends):
+            live = self._backends[backend_id]
             record = current.get(backend_id)
             if record is None or record.url != live.record.url:
-                del self.backends[backend_id]
-                self.in_flight.pop(backend_id, None)
+                del self._backends[backend_id]
+                self._in_flight.pop(backend_id, None)
                 changes.removed.append(backend_id)
             elif _routing_fields(record) != _routing_fields(live.record):
                 changes.changed.append(backend_id)
@@ -147,19 +157,18 @@ class BackendPool:
             else:
                 live.record = record  # a heartbeat: only updated_at moved
         for backend_id, record in current.items():
-            if backend_id not in self.backends:
-                self.backends[backend_id] = LiveBackend(record=record)
+            if backend_id not in self._backends:
+                self._backends[backend_id] = LiveBackend(record=record)
                 changes.added.append(backend_id)
+        if changes:
+            self._changed(Change("fleet"))
         return changes
-
-    def get(self, backend_id: str) -> LiveBackend | None:
-        return self.backends.get(backend_id)
 
     # -- health ----------------------------------------------------------------------------------
 
     def mark_success(self, backend_id: str, version: str | None = None) -> bool:
         """A check or request reached the backend. Returns True when this brought it back in."""
-        live = self.backends.get(backend_id)
+        live = self._backends.get(backend_id)
         if live is None:
             return False
         now = self._clock()
@@ -176,11 +185,12 @@ class BackendPool:
         live.ejected_until = 0.0
         live.last_error = ""
         log.info("<%s> healthy", backend_id)
+        self._changed(Change("fleet", backend_id=backend_id))
         return True
 
     def mark_failure(self, backend_id: str, error: str) -> bool:
         """A check or request failed to reach the backend. Returns True when this ejected it."""
-        live = self.backends.get(backend_id)
+        live = self._backends.get(backend_id)
         if live is None:
             return False
         now = self._clock()
@@ -197,6 +207,7 @@ class BackendPool:
                 live.failures,
                 error,
             )
+            self._changed(Change("fleet", backend_id=backend_id))
             return True
         if not live.healthy and live.ejected_until and now >= live.ejected_until:
             live.ejected_until = now + self.settings.eject_for_s  # failed its probe: another round out
@@ -205,16 +216,20 @@ class BackendPool:
     # -- polls -----------------------------------------------------------------------------------
 
     def apply_tags(self, backend_id: str, models: list[dict[str, Any]]) -> None:
-        live = self.backends.get(backend_id)
+        live = self._backends.get(backend_id)
         if live is None:
             return
         live.tags = [m for m in models if isinstance(m, dict)]
-        live.installed = frozenset(name for name in map(row_model_name, live.tags) if name)
+        installed = frozenset(name for name in map(row_model_name, live.tags) if name)
+        known, before = live.inventory_known, live.installed
+        live.installed = installed
         live.inventory_known = True
+        if not known or installed != before:
+            self._changed(Change("fleet", backend_id=backend_id))
 
     def apply_ps(self, backend_id: str, models: list[dict[str, Any]], poll_started_at: float) -> None:
         """Adopt a /api/ps reply. Residency the gateway saw after the poll started is kept."""
-        live = self.backends.get(backend_id)
+        live = self._backends.get(backend_id)
         if live is None:
             return
         resident: dict[str, ResidentModel] = {}
@@ -233,61 +248,126 @@ class BackendPool:
                 expires_at=parse_timestamp(m.get("expires_at")),
                 loaded_with=previous.loaded_with if previous else None,
             )
+        before = frozenset(live.merged_resident())
         live.resident = resident
         live.seen_resident = {
             name: (model, seen_at)
             for name, (model, seen_at) in live.seen_resident.items()
             if seen_at > poll_started_at and name not in resident
         }
+        if frozenset(live.merged_resident()) != before:
+            self._changed(Change("fleet", backend_id=backend_id))
 
     # -- what requests reveal --------------------------------------------------------------------
 
-    def bump_in_flight(self, backend_id: str, model: str, delta: int) -> None:
-        """Adjust this gateway's view at once, before the shared counter answers, so a decision made
-        in the meantime already sees the request. The next `replace_in_flight` sets the fleet's sums."""
-        per_model = self.in_flight.setdefault(backend_id, {})
+    def begin(
+        self,
+        backend_id: str,
+        model: str,
+        *,
+        num_predict: int | None = None,
+        stream: bool = True,
+        interactive: bool = True,
+    ) -> Work:
+        """Count one request sent to `backend_id` at once (before the shared store answers), so the
+        next decision already sees its slot taken. End it with `end`."""
+        now = self._clock()
+        observed = self._backends[backend_id].observed.get(model) if backend_id in self._backends else None
+        typical = int(observed.answer_tokens) if observed is not None and observed.answer_tokens > 0 else 0
+        known = num_predict is not None and num_predict > 0
+        expected = num_predict if known and num_predict is not None else typical or DEFAULT_ANSWER_TOKENS
+        work = Work(
+            backend_id,
+            model,
+            expected_tokens=expected,
+            num_predict_known=known,
+            stream=stream,
+            interactive=interactive,
+            started_at=now,
+            on_overrun=self._overran,
+        )
+        self._work.setdefault(backend_id, {}).setdefault(model, []).append(work)
+        self._bump(backend_id, model, +1)
+        self._touch(backend_id, model, interactive, now)
+        return work
+
+    def end(self, work: Work) -> None:
+        """The request is over (answered, failed or abandoned): its slot is free."""
+        per_model = self._work.get(work.backend_id, {})
+        items = per_model.get(work.model, [])
+        if work in items:
+            items.remove(work)
+            if not items:
+                per_model.pop(work.model, None)
+            if not per_model:
+                self._work.pop(work.backend_id, None)
+        self._bump(work.backend_id, work.model, -1)
+        self._touch(work.backend_id, work.model, work.interactive, self._clock())
+        self._changed(Change("slot", work.model, work.backend_id))
+
+    def _overran(self, work: Work) -> None:
+        self._changed(Change("progress", work.model, work.backend_id))
+
+    def _bump(self, backend_id: str, model: str, delta: int) -> None:
+        per_model = self._in_flight.setdefault(backend_id, {})
         count = per_model.get(model, 0) + delta
         if count > 0:
             per_model[model] = count
         else:
             per_model.pop(model, None)
             if not per_model:
-                del self.in_flight[backend_id]
+                del self._in_flight[backend_id]
 
-    def touch(self, backend_id: str, model: str) -> None:
-        live = self.backends.get(backend_id)
+    def _touch(self, backend_id: str, model: str, interactive: bool, now: float) -> None:
+        live = self._backends.get(backend_id)
         if live is not None:
-            live.last_used[model] = self._clock()
+            live.last_used[model] = now
+            if interactive:
+                live.last_interactive[model] = now
 
     def replace_in_flight(self, counts: Mapping[str, Mapping[str, int]]) -> None:
-        self.in_flight = {b: dict(m) for b, m in counts.items() if m and b in self.backends}
+        """Adopt the store's fleet-wide sums. A count of this gateway's own requests the store has
+        not caught up with yet (its increment still on the way) is kept: never fewer than ours."""
+        merged: dict[str, dict[str, int]] = {}
+        for backend_id, per_model in counts.items():
+            if backend_id in self._backends and per_model:
+                merged[backend_id] = {m: n for m, n in per_model.items() if n > 0}
+        for backend_id, per_model_work in self._work.items():
+            for model, items in per_model_work.items():
+                row = merged.setdefault(backend_id, {})
+                row[model] = max(row.get(model, 0), len(items))
+        if merged != self._in_flight:
+            self._in_flight = {b: m for b, m in merged.items() if m}
+            self._changed(Change("fleet"))
 
     def knows_model(self, model: str) -> bool:
         """Whether any backend has the model installed or loaded."""
-        return any(model in b.installed or model in b.resident for b in self.backends.values())
+        return any(model in b.installed or model in b.resident for b in self._backends.values())
 
     def forget_resident(self, backend_id: str, model: str) -> None:
         """The model was unloaded there (the gateway sent the unload)."""
-        live = self.backends.get(backend_id)
+        live = self._backends.get(backend_id)
         if live is not None:
             live.resident.pop(model, None)
             live.seen_resident.pop(model, None)
+            self._changed(Change("fleet", model, backend_id))
 
     def is_resident(self, backend_id: str, model: str) -> bool:
-        live = self.backends.get(backend_id)
+        live = self._backends.get(backend_id)
         return live is not None and model in live.merged_resident()
 
     def start_loading(self, backend_id: str, model: str) -> None:
-        live = self.backends.get(backend_id)
+        live = self._backends.get(backend_id)
         if live is not None:
             live.loading[model] = live.loading.get(model, 0) + 1
 
     def stop_loading(self, backend_id: str, model: str) -> None:
-        live = self.backends.get(backend_id)
+        live = self._backends.get(backend_id)
         if live is not None and model in live.loading:
             live.loading[model] -= 1
             if live.loading[model] <= 0:
                 del live.loading[model]
+                self._changed(Change("fleet", model, backend_id))
 
     def observe_reply(
         self,
@@ -296,72 +376,40 @@ class BackendPool:
         final: Mapping[str, Any],
         load_options: LoadOptions,
         service_s: float,
+        *,
+        sent_wall_s: float = 0.0,
+        sequences: int = 1,
     ) -> ReplyFacts:
-        """Learn from a reply's final chunk (Ollama's durations are integer nanoseconds).
-        `service_s` (wall time of the request) is used only when the reply has no durations."""
-        load_s = _int(final.get("load_duration")) / 1e9
-        eval_count = _int(final.get("eval_count"))
-        eval_s = _int(final.get("eval_duration")) / 1e9
-        tokens_per_s = eval_count / eval_s if eval_count and eval_s > 0 else 0.0
-        prompt_count = _int(final.get("prompt_eval_count"))
-        prompt_s = _int(final.get("prompt_eval_duration")) / 1e9
-        prefill_rate = prompt_count / prompt_s if prompt_count and prompt_s > 0 else 0.0
-        cold = "load_duration" in final and load_s >= self.settings.cold_load_threshold_s
-        # How long the request held a slot, in the backend's own clock: what frees a slot for the
-        # next one. Wall time would also count its wait for a slot (queueing the router already
-        # counts by itself) and, against a time-scaled simulator, be in other units than load_s.
-        total_s = _int(final.get("total_duration")) / 1e9
-        if prompt_s or eval_s:
-            service_s = prompt_s + eval_s
-        elif total_s:
-            service_s = max(total_s - load_s, 0.0)
-        live = self.backends.get(backend_id)
-        if live is None:
-            return ReplyFacts(cold, load_s, tokens_per_s)
-        old = live.observed.get(model, ObservedStats())
-        live.observed[model] = ObservedStats(
-            tokens_per_s=_ewma(old.tokens_per_s, tokens_per_s, old.samples) if tokens_per_s else old.tokens_per_s,
-            load_s=_ewma(old.load_s, load_s, old.samples) if cold else old.load_s,
-            service_s=_ewma(old.service_s, service_s, old.samples),
-            samples=old.samples + 1,
-            prefill_tokens_per_s=(
-                _ewma(old.prefill_tokens_per_s, prefill_rate, old.samples) if prefill_rate else old.prefill_tokens_per_s
-            ),
+        """Learn from a reply's final chunk (see `fleet.live.learn_from_reply`). `sent_wall_s`: wall
+        seconds from sending it to its end, which teaches the backend's clock rate."""
+        live = self._backends.get(backend_id)
+        facts, backend_s = learn_from_reply(
+            live,
+            model,
+            final,
+            load_options,
+            service_s,
+            cold_threshold_s=self.settings.cold_load_threshold_s,
+            sequences=sequences,
+            model_facts=self._facts.get(model),
+            now=self._clock(),
         )
-        if "load_duration" in final:
-            self._note_resident(live, model, load_options if cold else None)
-        return ReplyFacts(cold, load_s, tokens_per_s)
-
-    def _note_resident(self, live: LiveBackend, model: str, loaded_with: LoadOptions | None) -> None:
-        now = self._clock()
-        known = live.resident.get(model)
-        if known is not None:
-            if loaded_with is not None:
-                live.resident[model] = replace(known, loaded_with=loaded_with)
-            return
-        seen = live.seen_resident.get(model)
-        if seen is not None and loaded_with is None:
-            live.seen_resident[model] = (seen[0], now)
-            return
-        facts = self.facts.get(model)
-        size = facts.size_bytes if facts else 0
-        # Without num_ctx in the request, Ollama loaded it at the backend's OLLAMA_CONTEXT_LENGTH;
-        # either way capped as Ollama caps it, as /api/ps will report it (0: not known).
-        ctx = (loaded_with.num_ctx if loaded_with else None) or live.record.default_num_ctx or 0
-        if ctx:
-            ctx = loaded_num_ctx(ctx, facts)
-        live.seen_resident[model] = (
-            ResidentModel(model, size, size, ctx, expires_at=None, loaded_with=loaded_with),
-            now,
-        )
+        if facts.cold_load:
+            self._changed(Change("fleet", model, backend_id))  # a load ended: that copy is resident
+        if live is not None and sent_wall_s > 0 and backend_s > 0:
+            ratio = min(max(backend_s / sent_wall_s, 0.01), 1000.0)
+            self._backend_s_per_s = self._backend_s_per_s * (1 - EWMA_ALPHA) + ratio * EWMA_ALPHA
+        return facts
 
     # -- the router's view -----------------------------------------------------------------------
 
     def views(self) -> tuple[BackendView, ...]:
         depths = self.queue_depths()
         views = []
-        for backend_id, live in self.backends.items():
+        now = self._clock()
+        for backend_id, live in self._backends.items():
             resident = live.merged_resident()
+            work = self._work.get(backend_id, {})
             used = sum(r.size_vram_bytes for r in resident.values())
             views.append(
                 BackendView(
@@ -369,7 +417,7 @@ class BackendPool:
                     healthy=live.healthy,
                     installed=live.installed,
                     resident=tuple(resident.values()),
-                    in_flight=dict(self.in_flight.get(backend_id, {})),
+                    in_flight=dict(self._in_flight.get(backend_id, {})),
                     queued={m: d for m, d in depths.items() if d and m in live.installed},
                     free_vram_bytes=max(live.record.vram_total_bytes - used, 0),
                     loading=next(iter(live.loading), None),
@@ -377,16 +425,18 @@ class BackendPool:
                     inventory_known=live.inventory_known,
                     default_num_ctx=live.record.default_num_ctx,
                     last_used=dict(live.last_used),
+                    last_interactive=dict(live.last_interactive),
+                    work={m: tuple(w.item(now, self._backend_s_per_s) for w in items) for m, items in work.items()},
                 )
             )
         return tuple(views)
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(backends=self.views(), models=dict(self.facts), now=self._clock())
+        return Snapshot(backends=self.views(), models=dict(self._facts), now=self._clock())
 
     def version(self) -> str:
         """The oldest Ollama version among healthy backends (what every request can count on)."""
-        versions = [b.version for b in self.backends.values() if b.healthy and b.version]
+        versions = [b.version for b in self._backends.values() if b.healthy and b.version]
         if not versions:
             return ""
         return min(versions, key=_version_key)

@@ -117,8 +117,9 @@ def model_size_bytes(model: str, snapshot: Snapshot) -> int | None:
 
 
 def num_slots(view: BackendView, facts: ModelFacts | None) -> int:
-    """Parallel requests one loaded copy serves (Ollama forces 1 for embedding-only models)."""
-    if facts is not None and facts.embedding_only:
+    """Parallel requests one loaded copy serves: the backend's num_parallel, 1 where Ollama forces
+    one slot (embedding-only models and the architectures server/sched.go lists)."""
+    if facts is not None and (facts.embedding_only or facts.single_slot):
         return 1
     return max(view.record.num_parallel, 1)
 

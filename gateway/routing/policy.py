@@ -21,119 +21,47 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, get_args
+from typing import Protocol, get_args
 
 from gateway.config import Policy as PolicyName
-from gateway.record import BackendKind, BackendState
-from gateway.routing.cost import CostSettings, Estimate, can_ever_fit, estimate, min_need_bytes, model_size_bytes
-from gateway.routing.snapshot import BackendView, LoadOptions, Snapshot
+from gateway.record import BackendState
+from gateway.routing.cost import CostSettings, can_ever_fit, estimate, min_need_bytes, model_size_bytes
+from gateway.routing.decision import (
+    PRIORITIES,
+    REASONS,
+    Decision,
+    Priority,
+    Reason,
+    Reject,
+    RequestKind,
+    RouteRequest,
+    Send,
+    Wait,
+)
+from gateway.routing.residency import ContextPolicy, ResidencyPolicy
+from gateway.routing.snapshot import BackendView, Snapshot
 
-Reason = Literal[
-    # Send (residency)
-    "resident_free_slot",  # loaded there with matching options and a slot free: prefill only
-    "resident_queued",  # loaded there, all slots busy: queued behind them at the backend
-    "loading",  # being loaded there right now: joins that load
-    "cold_load",  # not loaded there, fits in its free VRAM
-    "cold_load_evict",  # not loaded there, fits once idle models are unloaded
-    "split_required",  # larger than every single-card backend: a split or CPU backend
-    # Send (baseline policies; any policy for metadata calls)
-    "round_robin",
-    "least_busy",
-    "random",
-    "metadata",  # /api/show and the like: any backend with the model installed, no load
-    # Wait (park at the gateway and choose again when notified)
-    "all_busy",  # every candidate would have to evict a busy model first
-    "over_budget",  # the best candidate's queue wait exceeds the policy's max_wait_s
-    "starting",  # no backend ready yet, but some are starting
-    # Reject
-    "not_found",
-    "no_healthy_backend",
-    "too_large",
-    "exhausted",  # every backend that could serve it is in `exclude` (already tried)
+__all__ = [
+    "POLICY_NAMES",
+    "PRIORITIES",
+    "REASONS",
+    "ContextPolicy",
+    "Decision",
+    "LeastBusyPolicy",
+    "Policy",
+    "Priority",
+    "RandomPolicy",
+    "Reason",
+    "Reject",
+    "RequestKind",
+    "ResidencyPolicy",
+    "RoundRobinPolicy",
+    "RouteRequest",
+    "Send",
+    "Wait",
+    "choose",
+    "make_policy",
 ]
-REASONS: frozenset[str] = frozenset(get_args(Reason))
-
-RequestKind = Literal["generate", "chat", "embed", "show"]
-
-
-@dataclass(frozen=True)
-class RouteRequest:
-    """What the router needs to know about one request.
-
-    `model` is the normalized name (`launcher.catalog.normalize_name`); `requested_as` is the name as
-    the client wrote it, used in error texts like Ollama does (defaults to `model`). `kind` "show"
-    needs the model installed but never loads it. `exclude` holds backend ids already tried for this
-    request: a retry goes elsewhere or is rejected with reason "exhausted". `stream` does not change
-    the choice today; it travels with the request for logs and for policies that may weigh it.
-    """
-
-    model: str
-    kind: RequestKind = "generate"
-    options: LoadOptions = field(default_factory=LoadOptions)
-    prompt_tokens: int = 0  # an estimate is enough, e.g. the prompt's (or messages') length in bytes / 4
-    exclude: frozenset[str] = frozenset()
-    stream: bool = True
-    requested_as: str = ""
-
-    @property
-    def display_name(self) -> str:
-        return self.requested_as or self.model
-
-
-@dataclass(frozen=True)
-class Send:
-    """Forward the request to `backend_id`."""
-
-    backend_id: str
-    reason: Reason
-    expected_ttft_s: float
-    estimates: tuple[Estimate, ...] = ()  # the candidates weighed (residency), best first
-    note: str = ""
-
-    @property
-    def explanation(self) -> str:
-        return _explain(f"send {self.backend_id} ({self.reason})", self.note, self.estimates)
-
-
-@dataclass(frozen=True)
-class Wait:
-    """Park the request in the gateway's queue for its model and choose again when notified."""
-
-    reason: Reason
-    estimates: tuple[Estimate, ...] = ()
-    note: str = ""
-    # The soonest the best candidate could serve it, when known: a hint for Retry-After.
-    expected_wait_s: float | None = None
-
-    @property
-    def explanation(self) -> str:
-        return _explain(f"wait ({self.reason})", self.note, self.estimates)
-
-
-@dataclass(frozen=True)
-class Reject:
-    """Answer the client with `status` and the Ollama-shaped body {"error": message}."""
-
-    status: int
-    message: str
-    reason: Reason
-    note: str = ""
-
-    @property
-    def explanation(self) -> str:
-        return _explain(f"reject {self.status} ({self.reason}): {self.message}", self.note, ())
-
-
-Decision = Send | Wait | Reject
-
-
-def _explain(head: str, note: str, estimates: Sequence[Estimate]) -> str:
-    parts = [head]
-    if note:
-        parts.append(note)
-    parts.extend(e.describe() for e in estimates)
-    return "; ".join(parts)
-
 
 # ---------------------------------------------------------------------------------------------
 # Policies
@@ -146,57 +74,6 @@ class Policy(Protocol):
     name: str
 
     def pick(self, request: RouteRequest, eligible: Sequence[BackendView], snapshot: Snapshot) -> Decision: ...
-
-
-@dataclass
-class ResidencyPolicy:
-    """Least expected time to first token, with the cost of evicting hot models added (the default).
-
-    `max_wait_s`: when the best candidate would queue longer than this for a slot of its resident
-    model, the request waits at the gateway instead (where it can still go to whichever backend frees
-    up first); None disables that. Cold loads are never deferred for being slow: waiting would not
-    make them faster.
-    """
-
-    max_wait_s: float | None = 30.0
-    costs: CostSettings = field(default_factory=CostSettings)
-    name: str = "residency"
-
-    def pick(self, request: RouteRequest, eligible: Sequence[BackendView], snapshot: Snapshot) -> Decision:
-        r = request
-        size = model_size_bytes(r.model, snapshot)
-        estimates = sorted(
-            (estimate(v, r.model, r.options, r.prompt_tokens, snapshot, self.costs, size) for v in eligible), key=_rank
-        )
-        ready = [e for e in estimates if e.ready_now]
-        if not ready:
-            soonest = min(e.ttft_s for e in estimates)
-            return Wait("all_busy", tuple(estimates), expected_wait_s=soonest)
-        best = ready[0]
-        if self.max_wait_s is not None and best.slot_wait_s > self.max_wait_s:
-            return Wait("over_budget", tuple(estimates), expected_wait_s=best.slot_wait_s)
-        reason: Reason = best.route
-        if _needs_split(request, snapshot, eligible):
-            reason = "split_required"
-        ordered = (best, *(e for e in estimates if e is not best))
-        return Send(best.backend_id, reason, best.ttft_s, ordered)
-
-
-def _rank(e: Estimate) -> tuple[float, float, str]:
-    # Millisecond rounding makes near-equal estimates ties, which then go to the faster GPU.
-    return (round(e.score_s, 3), -e.speed, e.backend_id)
-
-
-def _needs_split(request: RouteRequest, snapshot: Snapshot, eligible: Sequence[BackendView]) -> bool:
-    """True when every eligible backend is a split or CPU one because single cards are too small."""
-    if any(v.record.kind == BackendKind.SINGLE for v in eligible):
-        return False
-    singles = [v for v in snapshot.backends if v.record.kind == BackendKind.SINGLE and v.healthy]
-    if not singles:
-        return False
-    facts = snapshot.models.get(request.model)
-    size = model_size_bytes(request.model, snapshot)
-    return all(not can_ever_fit(v, min_need_bytes(v, request.options, facts, size)) for v in singles)
 
 
 @dataclass
@@ -263,12 +140,14 @@ def make_policy(
     *,
     max_wait_s: float | None = 30.0,
     costs: CostSettings | None = None,
+    spill: bool = True,
+    context_policy: ContextPolicy = "fit",
 ) -> Policy:
     """A fresh policy by its config name (`[gateway] policy`); ValueError for an unknown name.
-    `rng` is used by "random" only; `max_wait_s` by "residency" only."""
+    `rng` is used by "random" only; `max_wait_s`, `spill` and `context_policy` by "residency" only."""
     costs = costs or CostSettings()
     if name == "residency":
-        return ResidencyPolicy(max_wait_s=max_wait_s, costs=costs)
+        return ResidencyPolicy(max_wait_s=max_wait_s, costs=costs, spill=spill, context_policy=context_policy)
     if name == "round-robin":
         return RoundRobinPolicy(costs=costs)
     if name == "least-busy":
@@ -309,16 +188,15 @@ def _held_while_down(view: BackendView, model: str) -> bool:
 
 def choose(request: RouteRequest, snapshot: Snapshot, policy: Policy) -> Decision:
     """Decide where `request` goes. Pure: reads `snapshot`, mutates nothing but the policy's own
-    state (round-robin's cursor, the random generator)."""
+    state (round-robin's cursor, the random generator). Looks at the backends the snapshot's index
+    lists for the model; the whole fleet only to explain a refusal."""
     model = request.model
-    serving = sorted((v for v in snapshot.backends if _serves(v)), key=lambda v: v.id)
-    if not serving:
-        if any(v.record.state == BackendState.STARTING for v in snapshot.backends):
-            return Wait("starting", note="no backend is ready yet")
-        return Reject(503, "no healthy backend available, please try again", "no_healthy_backend")
-
-    holders = [v for v in serving if _has_model(v, model)]
+    holders = [v for v in snapshot.candidates(model) if _serves(v) and _has_model(v, model)]
     if not holders:
+        if not any(_serves(v) for v in snapshot.backends):
+            if any(v.record.state == BackendState.STARTING for v in snapshot.backends):
+                return Wait("starting", note="no backend is ready yet")
+            return Reject(503, "no healthy backend available, please try again", "no_healthy_backend")
         # Installed only where no request can go now: temporary, not a 404.
         down = [v for v in snapshot.backends if not _serves(v) and _held_while_down(v, model)]
         if any(v.record.state == BackendState.STARTING for v in down):

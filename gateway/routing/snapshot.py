@@ -79,6 +79,9 @@ class ModelFacts:
     overhead_bytes: int  # per-card graph + minimum at the default context
     context_length: int  # the model's trained context
     embedding_only: bool = False
+    # Ollama loads it with one slot whatever OLLAMA_NUM_PARALLEL says (embedding-only models and the
+    # architectures server/sched.go lists; launcher.facts.catalog.forced_single_slot).
+    single_slot: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,24 @@ class ObservedStats:
     samples: int = 0
     # Prompt evaluation rate from final chunks' prompt_eval_count / prompt_eval_duration (0: unknown).
     prefill_tokens_per_s: float = 0.0
+    # The typical answer length (eval_count), for requests that do not set num_predict (0: unknown).
+    answer_tokens: float = 0.0
+    # The single-stream decode rate: tokens_per_s corrected for the sequences that were decoding
+    # beside each sample (batched decode slows every stream a little; 0: unknown).
+    solo_tokens_per_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    """One request in flight on a backend, as the wait model needs it: how much of its answer is
+    left. Durations are in the backend's clock (a time-scaled simulator's seconds), like every
+    observed rate."""
+
+    expected_tokens: int  # its num_predict, else the model's typical answer length
+    relayed_tokens: int  # NDJSON lines / SSE events passed to the client so far (streams)
+    elapsed_s: float  # since it was sent, in backend seconds
+    stream: bool = True
+    num_predict_known: bool = False  # expected_tokens is the request's own num_predict (a hard cap)
 
 
 @dataclass(frozen=True)
@@ -115,6 +136,12 @@ class BackendView:
     # Epoch seconds of the last request this gateway fleet saw finish (or start) per model here; the
     # router uses it to tell hot resident models (expensive to evict) from cold ones.
     last_used: Mapping[str, float] = field(default_factory=dict)
+    # The same, for interactive-lane requests only: a batch request never evicts a model interactive
+    # traffic used within the last minute.
+    last_interactive: Mapping[str, float] = field(default_factory=dict)
+    # This gateway's requests in flight here, per model (other gateways' are counted in `in_flight`
+    # but not itemised: they are assumed half done).
+    work: Mapping[str, tuple[WorkItem, ...]] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -131,13 +158,64 @@ class BackendView:
 
 
 @dataclass(frozen=True)
+class SnapshotIndex:
+    """Candidates per model, built once per snapshot so a decision looks at the backends that may
+    hold its model instead of every backend: `holders[model]` (installed, resident or planned
+    there) and `unknown` (inventory not read yet: may hold anything). Both in id order."""
+
+    holders: Mapping[str, tuple[BackendView, ...]]
+    unknown: tuple[BackendView, ...]
+    by_id: Mapping[str, BackendView]
+    resident_copies: Mapping[str, int]  # per model: backends where it is loaded now
+
+    @classmethod
+    def build(cls, backends: tuple[BackendView, ...]) -> SnapshotIndex:
+        holders: dict[str, list[BackendView]] = {}
+        unknown: list[BackendView] = []
+        copies: dict[str, int] = {}
+        for view in sorted(backends, key=lambda v: v.id):
+            if not view.inventory_known:
+                unknown.append(view)
+            for r in view.resident:
+                copies[r.name] = copies.get(r.name, 0) + 1
+            names = set(view.installed)
+            names.update(r.name for r in view.resident)
+            names.update(view.record.planned_models)
+            for name in names:
+                holders.setdefault(name, []).append(view)
+        return cls(
+            holders={m: tuple(vs) for m, vs in holders.items()},
+            unknown=tuple(unknown),
+            by_id={v.id: v for v in backends},
+            resident_copies=copies,
+        )
+
+
+@dataclass(frozen=True)
 class Snapshot:
     backends: tuple[BackendView, ...]
     models: Mapping[str, ModelFacts]  # facts per model name, where known
     now: float  # epoch seconds when the snapshot was taken
+    # Built from `backends` when not given; `dataclasses.replace` with a new `now` keeps it.
+    index: SnapshotIndex | None = None
+
+    def __post_init__(self) -> None:
+        if self.index is None:
+            object.__setattr__(self, "index", SnapshotIndex.build(self.backends))
+
+    @property
+    def idx(self) -> SnapshotIndex:
+        assert self.index is not None  # set in __post_init__
+        return self.index
 
     def backend(self, backend_id: str) -> BackendView | None:
-        for b in self.backends:
-            if b.id == backend_id:
-                return b
-        return None
+        return self.idx.by_id.get(backend_id)
+
+    def candidates(self, model: str) -> tuple[BackendView, ...]:
+        """Backends that may hold `model` (id order): its holders plus those of unknown inventory."""
+        idx = self.idx
+        held = idx.holders.get(model, ())
+        if not idx.unknown:
+            return held
+        extra = tuple(v for v in idx.unknown if v not in held)
+        return tuple(sorted(held + extra, key=lambda v: v.id)) if extra else held

@@ -38,6 +38,11 @@ class ModelSpec:
     aliases: tuple[str, ...] = field(default=())
 
     @property
+    def single_slot(self) -> bool:
+        """Whether Ollama loads it with one slot whatever OLLAMA_NUM_PARALLEL says."""
+        return forced_single_slot(self.family, self.embedding_only)
+
+    @property
     def head_dim_k(self) -> int:
         return self.key_length or self.embedding_length // max(self.head_count, 1)
 
@@ -294,6 +299,31 @@ CATALOG: tuple[ModelSpec, ...] = (
         aliases=("mxbai-embed-large", "mxbai-embed-large:latest"),
     ),
 )
+
+
+# Architectures Ollama loads with num_parallel 1 ("not safe with num_parallel > 1",
+# server/sched.go, checked against ollama HEAD); embedding-only models get 1 slot as well.
+SINGLE_SLOT_FAMILIES: frozenset[str] = frozenset(
+    {
+        "mllama",
+        "qwen3vl",
+        "qwen3vlmoe",
+        "qwen35",
+        "qwen35moe",
+        "qwen3next",
+        "lfm2",
+        "lfm2moe",
+        "nemotron_h",
+        "nemotron_h_moe",
+        "nemotron_h_omni",
+    }
+)
+
+
+def forced_single_slot(family: str, embedding_only: bool) -> bool:
+    """Ollama's rule (server/sched.go load): embedding models and the listed architectures run with
+    one slot per loaded copy."""
+    return embedding_only or family in SINGLE_SLOT_FAMILIES
 
 
 def normalize_name(name: str) -> str:

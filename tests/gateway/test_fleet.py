@@ -9,6 +9,7 @@ import logging
 from typing import Any
 
 import aiohttp
+import ollama
 import pytest
 from aiohttp import web
 
@@ -16,8 +17,8 @@ from gateway.api import progress
 from gateway.api.auth import ApiKeys
 from gateway.app import create_app
 from gateway.appkeys import TRACKER
-from gateway.fleet.pool import LiveBackend
 from gateway.record import BackendRecord
+from gateway.routing.snapshot import BackendView
 from gateway.server import GatewayServer
 from gateway.state.memory import MemoryStore
 from tests.support.fakes import FakeOllama, MakeFake, fast_settings, wait_for
@@ -52,20 +53,26 @@ async def test_tags_and_openai_models_list_the_union_once(fakes: MakeFake, http:
             assert resp.status == 200
 
 
-async def test_ps_lists_every_resident_copy_with_its_backend_and_gpus(
+async def test_ps_lists_a_model_once_with_every_copy_and_the_official_client_parses_it(
     fakes: MakeFake, http: aiohttp.ClientSession
 ) -> None:
     a = await fakes(name="a", resident={"llama3.1:8b": 4096})
     b = await fakes(name="b", resident={"llama3.1:8b": 8192})
     gw = gateway(a, b, gpus={"a": ("GPU-aaaa",), "b": ("RTX 4090",)})
-    async with gw, http.get(gw.url + "/api/ps") as resp:
-        rows = (await resp.json())["models"]
-    by_backend = {r["corral_backend"]: r for r in rows}
-    assert set(by_backend) == {"a", "b"}
-    assert by_backend["a"]["corral_gpu_uuids"] == ["GPU-aaaa"]
-    assert by_backend["b"]["corral_gpus"] == ["RTX 4090"]
-    assert by_backend["b"]["context_length"] == 8192
-    assert all(r["name"] == "llama3.1:8b" and r["size_vram"] > 0 for r in rows)
+    async with gw:
+        async with http.get(gw.url + "/api/ps") as resp:
+            rows = (await resp.json())["models"]
+        async with http.get(a.url + "/api/ps") as resp:
+            one = (await resp.json())["models"][0]
+        listed = await ollama.AsyncClient(host=gw.url).ps()
+    assert [r["name"] for r in rows] == ["llama3.1:8b"]  # once, like Ollama
+    row = rows[0]
+    copies = {c["backend"]: c for c in row["corral_copies"]}
+    assert set(copies) == {"a", "b"}
+    assert copies["a"]["gpu_uuids"] == ["GPU-aaaa"] and copies["b"]["gpus"] == ["RTX 4090"]
+    assert row["context_length"] == 8192  # the largest
+    assert row["size"] == sum(c["size"] for c in copies.values()) and row["size"] > one["size"]
+    assert [m.model for m in listed.models] == ["llama3.1:8b"]  # what ollama-python reads
 
 
 def _lines(body: bytes) -> list[dict[str, Any]]:
@@ -163,7 +170,7 @@ async def test_a_pull_stream_that_nobody_reads_any_more_stops_when_cancelled(fak
     once, even with the queue between them full, or the request would never finish."""
     fake = await fakes(name="a", pull_layers=20)
     queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=2)
-    backend = LiveBackend(record=BackendRecord(id="a", url=fake.url))
+    backend = BackendView(record=BackendRecord(id="a", url=fake.url), healthy=True, installed=frozenset())
     async with aiohttp.ClientSession() as session:
         pump = asyncio.create_task(
             progress._pump(session, backend, "/api/pull", b'{"model": "m:1"}', aiohttp.ClientTimeout(), queue)

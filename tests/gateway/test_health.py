@@ -48,7 +48,7 @@ async def test_failing_health_checks_eject_a_backend_until_it_recovers(
         pool = gw.app[POOL]
         assert await backend_of(http, gw) == "a"  # equal candidates: the first by id
         a.healthy = False
-        await wait_for(lambda: not pool.backends["a"].healthy)
+        await wait_for(lambda: not pool.healthy("a"))
         assert await backend_of(http, gw) == "b"
         status = {s["id"]: s for s in (await status_of(http, gw))["backends"]}
         assert status["a"]["healthy"] is False and status["a"]["ejected_until"] is not None
@@ -57,7 +57,7 @@ async def test_failing_health_checks_eject_a_backend_until_it_recovers(
         assert 'corral_backend_up{backend="a"} 0.0' in text
         assert 'corral_ejections_total{backend="a"} 1.0' in text
         a.healthy = True
-        await wait_for(lambda: pool.backends["a"].healthy)
+        await wait_for(lambda: pool.healthy("a"))
         assert await backend_of(http, gw) == "a"
     # Health checks are GET /api/version only: no model call ever reached the backend from them.
     assert len(a.calls("/api/generate")) == 2
@@ -81,8 +81,9 @@ async def test_a_reply_with_a_long_load_makes_the_model_resident_there(
     async with gateway(a, b, poll_interval_s=60, cold_load_threshold_s=1.0) as gw:
         payload = {**GENERATE, "options": {"num_ctx": 2048}}
         assert await backend_of(http, gw, payload) == "a"
-        resident = gw.app[POOL].backends["a"].merged_resident()["llama3.1:8b"]
-        assert resident.loaded_with is not None and resident.loaded_with.num_ctx == 2048
+        view = gw.app[POOL].snapshot().backend("a")
+        resident = view.resident_model("llama3.1:8b") if view is not None else None
+        assert resident is not None and resident.loaded_with is not None and resident.loaded_with.num_ctx == 2048
         a.load_duration_ns = 1_000_000
         assert await backend_of(http, gw, payload) == "a"
         async with http.get(gw.url + "/metrics") as resp:
@@ -121,8 +122,9 @@ async def test_facts_of_a_model_outside_the_catalog_come_from_show_once() -> Non
     try:
         async with gateway(fake) as gw:
             pool = gw.app[POOL]
-            await wait_for(lambda: "custom-llm:3b" in pool.facts)
-            facts = pool.facts["custom-llm:3b"]
+            await wait_for(lambda: pool.has_facts("custom-llm:3b"))
+            facts = pool.facts("custom-llm:3b")
+            assert facts is not None
             assert (facts.size_bytes, facts.context_length) == (2_000_000_000, 16384)
             # f16 K and V of 128-wide heads, 8 KV heads, 26 layers, per token of context.
             assert facts.kv_bytes_per_token == 26 * 8 * (128 + 128) * 2
@@ -237,23 +239,19 @@ async def test_metrics_and_status_after_traffic(fakes: MakeFake, http: aiohttp.C
     assert resident["context_length"] == 4096 and resident["expires_at"] > 0
 
 
-@pytest.mark.parametrize(("max_wait_s", "waits_at_gateway"), [(0.0, True), (30.0, False)])
-async def test_max_wait_decides_between_the_backends_queue_and_the_gateways(
-    fakes: MakeFake, http: aiohttp.ClientSession, max_wait_s: float, waits_at_gateway: bool
+@pytest.mark.parametrize("max_wait_s", [0.0, 30.0])
+async def test_a_busy_slot_makes_the_next_request_wait_at_the_gateway_not_in_the_backend(
+    fakes: MakeFake, http: aiohttp.ClientSession, max_wait_s: float
 ) -> None:
-    # One slot, busy: a second request for the same model either queues at the backend (a short
-    # expected wait) or, past [gateway] max_wait_s, waits at the gateway for the slot to free.
+    # One slot, busy: late binding never hands the backend a second request; it waits at the
+    # gateway for the slot to free, whatever max_wait_s says (there is nowhere else to load it).
     hold = asyncio.Event()
     fake = await fakes(name="g0", models={"llama3.1:8b": 4_920_000_000}, resident={"llama3.1:8b": 4096}, hold=hold)
     async with gateway(fake, vram_gb=24, max_wait_s=max_wait_s) as gw:
         busy = await _hold_a_stream(http, gw, fake)
         second = asyncio.create_task(backend_of(http, gw))
-        if waits_at_gateway:
-            await wait_for(lambda: gw.app[POOL].queue_depths().get("llama3.1:8b") == 1)
-            assert len(fake.calls("/api/generate")) == 1  # only the busy stream reached the backend
-        else:
-            await wait_for(lambda: len(fake.calls("/api/generate")) == 2)
-            assert not gw.app[POOL].queue_depths()
+        await wait_for(lambda: gw.app[POOL].queue_depths().get("llama3.1:8b") == 1)
+        assert len(fake.calls("/api/generate")) == 1  # only the busy stream reached the backend
         hold.set()
         await busy.read()
         busy.release()

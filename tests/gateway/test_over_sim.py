@@ -168,8 +168,9 @@ async def test_official_clients_against_simulated_backends(
             await oai.close()
         async with http.get(gw.url + "/api/ps") as resp:
             rows = (await resp.json())["models"]
-        assert {r["corral_backend"] for r in rows} <= {"g0", "g1"}
-        assert all(r["corral_gpus"] == ["RTX 4090"] for r in rows)
+        copies = [c for r in rows for c in r["corral_copies"]]
+        assert {c["backend"] for c in copies} <= {"g0", "g1"}
+        assert all(c["gpus"] == ["RTX 4090"] for c in copies)
 
 
 async def test_pull_through_the_gateway_on_a_shared_store(

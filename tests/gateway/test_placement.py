@@ -82,9 +82,9 @@ async def test_backends_not_ready_get_no_new_requests(fakes: MakeFake, http: aio
         assert await where(http, gw) == "a"
         for state in (BackendState.DRAINING, BackendState.STARTING, BackendState.FAILED):
             await store.put_backend(replace(records["a"], state=state))
-            await wait_for(lambda state=state: pool.backends["a"].record.state == state)  # type: ignore[misc]
+            await wait_for(lambda state=state: getattr(pool.record("a"), "state", None) == state)  # type: ignore[misc]
             assert await where(http, gw) == "b"
         await store.remove_backend("b")
         await store.put_backend(records["a"])
-        await wait_for(lambda: "b" not in pool.backends and pool.backends["a"].record.state == BackendState.READY)
+        await wait_for(lambda: "b" not in pool.ids() and getattr(pool.record("a"), "state", None) == BackendState.READY)
         assert await where(http, gw) == "a"

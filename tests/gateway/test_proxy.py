@@ -83,7 +83,7 @@ async def test_client_hanging_up_cancels_the_upstream_request(fakes: MakeFake, h
         resp.close()  # drop the connection mid-stream
         await asyncio.wait_for(fake.cancelled.wait(), timeout=10)
         # The slot is given back: nothing stays counted in flight, here or in the shared store.
-        await wait_for(lambda: not _pool(gw).in_flight.get("g0"))
+        await wait_for(lambda: not _pool(gw).in_flight_counts().get("g0"))
         assert await gw.store.in_flight() == {}
 
 
@@ -147,7 +147,7 @@ async def test_refused_connection_fails_over_and_ejects(fakes: MakeFake, http: a
         ) as resp:
             assert resp.status == 200
             assert resp.headers["X-Corral-Backend"] == "b"
-        assert not _pool(gw).backends["a"].healthy
+        assert not _pool(gw).healthy("a")
 
 
 async def test_backend_error_passes_through_when_no_backend_succeeds(

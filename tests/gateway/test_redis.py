@@ -55,14 +55,14 @@ async def test_gateways_on_one_redis_agree_on_in_flight_requests(stores: tuple[R
             resp = await http.post(one.url + "/api/generate", json={"model": "llama3.1:8b", "prompt": "hi"})
             assert json.loads(await resp.content.readline())["done"] is False
             # The other gateway never saw this request, yet counts it (from the shared counters).
-            await wait_for(lambda: two.app[POOL].in_flight.get("g0", {}).get("llama3.1:8b") == 1)
+            await wait_for(lambda: two.app[POOL].in_flight_counts().get("g0", {}).get("llama3.1:8b") == 1)
             async with http.get(two.url + "/api/corral/status") as status:
                 (row,) = (await status.json())["backends"]
             assert row["in_flight"] == {"llama3.1:8b": 1}
             hold.set()
             await resp.read()
             resp.release()
-            await wait_for(lambda: not two.app[POOL].in_flight.get("g0"))
+            await wait_for(lambda: not two.app[POOL].in_flight_counts().get("g0"))
     finally:
         hold.set()
         await fake.stop()
@@ -78,10 +78,10 @@ async def test_a_gateways_own_requests_do_not_hide_the_others_from_its_router(
     pool.sync_records([BackendRecord(id="g0", url="http://127.0.0.1:1")])
     await two.incr_in_flight("g0", "llama3.1:8b")  # a request through the other gateway
     pool.replace_in_flight(await one.in_flight())
-    assert pool.in_flight == {"g0": {"llama3.1:8b": 1}}
-    in_flight = InFlight(one, pool, on_release=lambda _backend, _model: None)
+    assert pool.in_flight_counts() == {"g0": {"llama3.1:8b": 1}}
+    in_flight = InFlight(one, pool)
     async with in_flight.hold("g0", "llama3.1:8b"):
-        assert pool.in_flight == {"g0": {"llama3.1:8b": 2}}
+        assert pool.in_flight_counts() == {"g0": {"llama3.1:8b": 2}}
     await in_flight.settle()
-    assert pool.in_flight == {"g0": {"llama3.1:8b": 1}}
+    assert pool.in_flight_counts() == {"g0": {"llama3.1:8b": 1}}
     assert await one.in_flight() == {"g0": {"llama3.1:8b": 1}}

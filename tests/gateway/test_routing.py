@@ -141,7 +141,8 @@ def test_second_request_sticks_to_the_backend_where_the_model_is_loaded() -> Non
     assert isinstance(decision, Send)
     assert decision.reason == "resident_free_slot"
     assert decision.expected_ttft_s < 0.5
-    assert "g1: resident" in decision.explanation and "g0: cold load" in decision.explanation
+    # A free slot of a loaded copy beats any cold load, which is not even costed.
+    assert "g1: resident, 3/4 slots free" in decision.explanation and "g0" not in decision.explanation
 
 
 def test_spills_to_another_card_when_the_resident_one_is_saturated_and_a_load_is_quicker() -> None:
@@ -150,7 +151,8 @@ def test_spills_to_another_card_when_the_resident_one_is_saturated_and_a_load_is
     g1 = view(record("g1"), resident_models=[resident(LLAMA)], in_flight={LLAMA: 2}, observed={LLAMA: busy})
     decision = route(snap(g0, g1))
     assert sent_to(decision) == "g0"
-    assert isinstance(decision, Send) and decision.reason == "cold_load"
+    assert isinstance(decision, Send) and decision.reason == "spill"
+    assert "g0: cold load" in decision.explanation
 
 
 def test_two_resident_copies_share_the_load_instead_of_one_taking_all() -> None:
@@ -170,13 +172,15 @@ def test_a_busy_resident_copy_still_beats_a_cold_load_while_it_has_free_slots() 
     assert isinstance(decision, Send) and decision.reason == "resident_free_slot"
 
 
-def test_stays_queued_on_the_resident_card_when_a_cold_load_would_take_longer() -> None:
+def test_waits_at_the_gateway_for_the_busy_copy_when_a_cold_load_would_take_longer() -> None:
+    # Late binding: the only slot is taken, so nothing is sent to g1's own queue; the request
+    # waits at the gateway, where it can still go wherever a slot frees first.
     quick = ObservedStats(tokens_per_s=120.0, load_s=2.5, service_s=1.5, samples=20)
     g0 = view(record("g0"))
     g1 = view(record("g1"), resident_models=[resident(LLAMA)], in_flight={LLAMA: 1}, observed={LLAMA: quick})
     decision = route(snap(g0, g1))
-    assert sent_to(decision) == "g1"
-    assert isinstance(decision, Send) and decision.reason == "resident_queued"
+    assert isinstance(decision, Wait) and decision.reason == "all_busy"
+    assert decision.expected_wait_s is not None and decision.expected_wait_s < 2.0
 
 
 def test_a_busy_model_is_never_evicted_the_request_waits_instead() -> None:
@@ -302,9 +306,16 @@ def test_a_different_num_ctx_means_not_resident() -> None:
     assert sent_to(same) == "g0"
     assert isinstance(same, Send) and same.reason == "resident_free_slot"
     # Another context would reload on g0 (evicting its own copy), so the empty g1 is as good or better.
-    other = route(snap(g0, g1), options=LoadOptions(num_ctx=16384))
+    honor = ResidencyPolicy(context_policy="honor")
+    other = route(snap(g0, g1), policy=honor, options=LoadOptions(num_ctx=16384))
     assert isinstance(other, Send) and other.reason in ("cold_load", "cold_load_evict")
     assert other.reason != "resident_free_slot"
+    # Under "fit" (the default) a larger context whose prompt and answer fit the loaded one is
+    # served there, at the loaded context.
+    fit = route(snap(g0, g1), options=LoadOptions(num_ctx=16384), prompt_tokens=500, num_predict=200)
+    assert isinstance(fit, Send) and (fit.backend_id, fit.reason, fit.num_ctx) == ("g0", "context_fit", 8192)
+    too_long = route(snap(g0, g1), options=LoadOptions(num_ctx=16384), prompt_tokens=8000, num_predict=500)
+    assert isinstance(too_long, Send) and too_long.reason != "context_fit" and too_long.num_ctx is None
     # A num_ctx above the model's trained context is capped, like Ollama does.
     capped = view(record("g0"), resident_models=[resident(QWEN, ctx=32768)])
     assert isinstance(route(snap(capped), QWEN, options=LoadOptions(num_ctx=65536)), Send)
@@ -401,29 +412,26 @@ def test_ties_go_to_the_faster_gpu() -> None:
     assert sent_to(route(snap(*both))) == "g1"
 
 
-def test_over_budget_waits_at_the_gateway_and_no_budget_sends() -> None:
+def test_a_copy_never_gets_more_requests_than_its_slots() -> None:
     slow = ObservedStats(tokens_per_s=20.0, load_s=2.5, service_s=60.0, samples=20)
-    g0 = view(record("g0"), resident_models=[resident(LLAMA)], in_flight={LLAMA: 2}, observed={LLAMA: slow})
-    waited = route(snap(g0), policy=ResidencyPolicy(max_wait_s=30.0))
-    assert isinstance(waited, Wait) and waited.reason == "over_budget"
-    assert waited.expected_wait_s is not None and waited.expected_wait_s > 30.0
-    sent = route(snap(g0), policy=ResidencyPolicy(max_wait_s=None))
-    assert isinstance(sent, Send) and sent.reason == "resident_queued"
+    g0 = view(record("g0"), resident_models=[resident(LLAMA)], in_flight={LLAMA: 1}, observed={LLAMA: slow})
+    for policy in (ResidencyPolicy(max_wait_s=30.0), ResidencyPolicy(max_wait_s=None)):
+        waited = route(snap(g0), policy=policy)
+        assert isinstance(waited, Wait) and waited.reason == "all_busy"
+        assert waited.expected_wait_s is not None and waited.expected_wait_s > 1.0
+    four = view(record("g0", num_parallel=4), resident_models=[resident(LLAMA)], in_flight={LLAMA: 3})
+    assert sent_to(route(snap(four))) == "g0"
+    assert isinstance(route(snap(four), ahead=1), Wait)  # the one free slot goes to the waiter ahead
 
 
 def test_gateway_queued_requests_count_as_ahead() -> None:
     stats = ObservedStats(tokens_per_s=60.0, load_s=2.5, service_s=1.5, samples=20)
     g0 = view(record("g0"))
     g1 = view(record("g1"), resident_models=[resident(LLAMA)], in_flight={LLAMA: 1}, observed={LLAMA: stats})
-    assert sent_to(route(snap(g0, g1))) == "g1"
-    g1 = view(
-        record("g1"),
-        resident_models=[resident(LLAMA)],
-        in_flight={LLAMA: 1},
-        queued={LLAMA: 4},
-        observed={LLAMA: stats},
-    )
-    assert sent_to(route(snap(g0, g1))) == "g0"
+    assert isinstance(route(snap(g0, g1)), Wait)  # its slot frees sooner than g0 would load
+    # Four requests wait ahead of this one: the k-th slot to free is too far off, a load is sooner.
+    decision = route(snap(g0, g1), ahead=4)
+    assert isinstance(decision, Send) and (decision.backend_id, decision.reason) == ("g0", "spill")
 
 
 def test_a_load_in_progress_is_joined_and_another_models_load_delays_a_cold_load() -> None:
@@ -448,7 +456,7 @@ def test_missing_facts_fall_back_to_what_is_known() -> None:
 def test_embedding_models_have_one_slot() -> None:
     g0 = view(record("g0", num_parallel=4), resident_models=[resident(EMBED, ctx=2048)], in_flight={EMBED: 1})
     decision = route(snap(g0), EMBED, kind="embed")
-    assert isinstance(decision, Send) and decision.reason == "resident_queued"
+    assert isinstance(decision, Wait) and decision.reason == "all_busy"  # its one slot is taken
 
 
 def test_show_needs_the_model_installed_but_never_a_fit() -> None:

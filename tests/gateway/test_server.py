@@ -86,6 +86,7 @@ async def test_unload_goes_wherever_the_model_is_loaded(fakes: MakeFake, http: a
     async with gateway(a, b, c) as gw:
         async with http.post(gw.url + "/api/generate", json={"model": "llama3.1:8b", "keep_alive": 0}) as resp:
             assert resp.status == 200
+            assert resp.headers["X-Corral-Backend"] == "a, b"  # every copy, named
         assert len(a.calls("/api/generate")) == 1 and len(b.calls("/api/generate")) == 1
         assert not c.calls("/api/generate")
 
@@ -96,7 +97,7 @@ async def test_an_unload_that_fails_somewhere_says_so(fakes: MakeFake, http: aio
     gw = gateway(failing, fine)
     async with gw, http.post(gw.url + "/api/generate", json={"model": "llama3.1:8b", "keep_alive": 0}) as resp:
         assert resp.status == 500  # the model may still be loaded on "a"
-        assert resp.headers["X-Corral-Backend"] == "a"
+        assert resp.headers["X-Corral-Backend"] == "a, b"  # every copy it acted on
         assert await resp.json() == {"error": "a failing"}
     assert len(fine.calls("/api/generate")) == 1
 

@@ -14,7 +14,7 @@ from gateway.fleet.modelfacts import facts_from_catalog, facts_from_show
 from gateway.fleet.pool import BackendPool
 from gateway.record import BackendRecord
 from gateway.routing.policy import ResidencyPolicy, RouteRequest, Send, choose
-from gateway.routing.snapshot import LoadOptions
+from gateway.routing.snapshot import LoadOptions, ObservedStats
 from gateway.state.memory import MemoryStore
 from launcher.facts.catalog import find_model
 from tests.support.fakes import fast_settings
@@ -46,17 +46,18 @@ async def test_a_request_the_store_never_counted_is_not_uncounted_there() -> Non
     store = FlakyStore()
     pool = BackendPool(fast_settings())
     pool.sync_records([BackendRecord(id="g0", url="http://127.0.0.1:1")])
-    released: list[tuple[str, str]] = []
-    in_flight = InFlight(store, pool, on_release=lambda b, m: released.append((b, m)))
+    released: list[tuple[str | None, str | None]] = []
+    pool.subscribe(lambda change: released.append((change.backend_id, change.model)) if change.kind == "slot" else None)
+    in_flight = InFlight(store, pool)
     async with in_flight.hold("g0", "m"):  # counted in the store
         store.refuse_next_incr = True
         async with in_flight.hold("g0", "m"):  # the store refused to count this one
-            assert pool.in_flight == {"g0": {"m": 2}}  # the router still sees both
+            assert pool.in_flight_counts() == {"g0": {"m": 2}}  # the router still sees both
         await in_flight.settle()
         assert await store.in_flight() == {"g0": {"m": 1}}  # the first is still counted
-        assert pool.in_flight == {"g0": {"m": 1}}
+        assert pool.in_flight_counts() == {"g0": {"m": 1}}
     await in_flight.settle()
-    assert await store.in_flight() == {} and pool.in_flight == {}
+    assert await store.in_flight() == {} and pool.in_flight_counts() == {}
     assert released == [("g0", "m"), ("g0", "m")]
 
 
@@ -98,17 +99,17 @@ def test_ejection_after_consecutive_failures_and_return_after_the_pause() -> Non
     clock = Clock()
     pool = BackendPool(fast_settings(eject_after_failures=2, eject_for_s=10), clock=clock)
     pool.sync_records([BackendRecord(id="g0", url="http://127.0.0.1:1")])
-    assert not pool.backends["g0"].healthy  # unknown until a check succeeds
+    assert not pool.healthy("g0")  # unknown until a check succeeds
     assert pool.mark_success("g0", "0.12.3") is True
     assert pool.mark_failure("g0", "refused") is False
     assert pool.mark_success("g0") is False  # a success in between resets the count
     assert pool.mark_failure("g0", "refused") is False
     assert pool.mark_failure("g0", "refused") is True
-    assert not pool.backends["g0"].healthy
+    assert not pool.healthy("g0")
     clock.now += 5
     assert pool.mark_success("g0") is False  # answering again, but still serving its pause
     clock.now += 6
-    assert pool.mark_success("g0") is True and pool.backends["g0"].healthy
+    assert pool.mark_success("g0") is True and pool.healthy("g0")
     assert pool.version() == "0.12.3"
 
 
@@ -147,7 +148,7 @@ def test_a_load_the_gateway_saw_is_reused_for_the_same_options_past_the_trained_
     model = "qwen2.5:7b"
     facts = facts_from_catalog(model)
     assert facts is not None and facts.context_length == 32768
-    pool.facts[model] = facts
+    pool.set_facts(model, facts)
     records = [
         BackendRecord(id=b, url=f"http://127.0.0.1:{p}", vram_total_bytes=24 * 1024**3, speed=s)
         for b, p, s in (("g0", 1, 1.0), ("g1", 2, 3.3))
@@ -162,8 +163,8 @@ def test_a_load_the_gateway_saw_is_reused_for_the_same_options_past_the_trained_
     decision = choose(RouteRequest(model, options=options), pool.snapshot(), ResidencyPolicy())
     assert isinstance(decision, Send), decision
     assert (decision.backend_id, decision.reason) == ("g0", "resident_free_slot"), decision.explanation
-    noted = pool.backends["g0"].merged_resident()[model]
-    assert noted.context_length == 32768
+    noted = pool.snapshot().backend("g0").resident_model(model)  # type: ignore[union-attr]
+    assert noted is not None and noted.context_length == 32768
 
 
 def test_service_time_is_the_time_a_request_held_a_slot() -> None:
@@ -181,12 +182,18 @@ def test_service_time_is_the_time_a_request_held_a_slot() -> None:
         "eval_duration": 2_000_000_000,
     }
     pool.observe_reply("g0", "llama3.1:8b", final, LoadOptions(), service_s=20.0)
-    assert pool.backends["g0"].observed["llama3.1:8b"].service_s == pytest.approx(2.5)
+    assert _observed(pool)["llama3.1:8b"].service_s == pytest.approx(2.5)
     embed = {"model": "nomic-embed-text", "total_duration": 300_000_000, "load_duration": 100_000_000}
     pool.observe_reply("g0", "nomic-embed-text", embed, LoadOptions(), service_s=20.0)
-    assert pool.backends["g0"].observed["nomic-embed-text"].service_s == pytest.approx(0.2)
+    assert _observed(pool)["nomic-embed-text"].service_s == pytest.approx(0.2)
     pool.observe_reply("g0", "other", {"done": True}, LoadOptions(), service_s=20.0)
-    assert pool.backends["g0"].observed["other"].service_s == pytest.approx(20.0)
+    assert _observed(pool)["other"].service_s == pytest.approx(20.0)
+
+
+def _observed(pool: BackendPool) -> dict[str, ObservedStats]:
+    view = pool.snapshot().backend("g0")
+    assert view is not None
+    return dict(view.observed)
 
 
 def test_model_facts_from_show_agree_with_the_catalog() -> None:
