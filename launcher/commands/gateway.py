@@ -23,7 +23,7 @@ from gateway.config import GatewaySettings, gateway_settings_from
 from gateway.routing.policy import POLICY_NAMES
 from gateway.server import GatewayServer
 from gateway.state.memory import StateStore, open_store
-from launcher.facts.strictconf import load_toml
+from launcher.facts.strictconf import ConfigError, load_toml
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="URL",
-        help="an Ollama backend to route to, e.g. http://127.0.0.1:11500 (repeatable; adds to [[gateway.backends]])",
+        help=(
+            "an Ollama backend to route to, e.g. http://127.0.0.1:11500 or http://127.0.0.1:11500#num_parallel=4 "
+            "(its OLLAMA_NUM_PARALLEL; repeatable; adds to [[gateway.backends]])"
+        ),
     )
+
+
+# Settings a --backend URL may carry after "#", as [[gateway.backends]] keys with integer values.
+BACKEND_URL_KEYS: frozenset[str] = frozenset({"num_parallel", "max_loaded_models", "num_ctx"})
+
+
+def backend_entry(value: str) -> dict[str, Any]:
+    """`URL[#key=value&key=value]` as a [[gateway.backends]] table. Errors are left to the config
+    decoder where it can say more (the URL); a fragment it cannot read is a ConfigError here."""
+    url, _, fragment = value.partition("#")
+    entry: dict[str, Any] = {"url": url}
+    for item in filter(None, fragment.split("&")):
+        key, sep, raw = item.partition("=")
+        if not sep or key not in BACKEND_URL_KEYS or not raw.strip().isdigit():
+            allowed = ", ".join(f"{k}=N" for k in sorted(BACKEND_URL_KEYS))
+            raise ConfigError("--backend", f"cannot read {item!r} in {value!r}; allowed after '#': {allowed}")
+        entry[key] = int(raw)
+    return entry
 
 
 def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
@@ -54,7 +75,7 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
         if args.policy:
             section["policy"] = args.policy
         if args.backend:
-            section["backends"] = [*section.get("backends", []), *({"url": url} for url in args.backend)]
+            section["backends"] = [*section.get("backends", []), *(backend_entry(url) for url in args.backend)]
     return gateway_settings_from({**data, "gateway": section})
 
 

@@ -93,7 +93,7 @@ def _card_rows(the_plan: Plan, gpus: Sequence[GpuInfo]) -> list[list[str]]:
                 f"{_gib(planned)} / {free} GiB",
                 b.id + kind,
                 str(b.port),
-                ", ".join(b.model_names),
+                ", ".join(b.model_names) or "(spare: nothing preloaded, loads on demand)",
             ]
         )
     for b in the_plan.backends:

@@ -62,6 +62,8 @@ def build_plan(
             )
         )
         warnings.extend(_parallel_warnings(d, ev, settings))
+    if backends and not findings.errors:  # a plan that fails starts nothing, spares included
+        backends.extend(_spare_backends(budgets, ordered, settings, len(backends)))
     return Plan(
         backends=tuple(backends),
         rejections=tuple(Rejection(model, cand, why) for (model, cand), why in findings.rejections.items()),
@@ -69,6 +71,36 @@ def build_plan(
         errors=tuple(findings.errors),
         notes=_notes(backends, requests, settings),
     )
+
+
+def _spare_backends(
+    budgets: Mapping[int, CardBudget], drafts: Sequence[Draft], settings: LauncherSettings, first_port_offset: int
+) -> list[PlannedBackend]:
+    """A backend with nothing preloaded on every card the plan leaves unused, so the gateway can
+    load further copies there when demand warrants (issue: spare capacity is usable). They come
+    after the planned backends, so the planned ones keep their ports."""
+    used = {i for d in drafts for i in d.gpus}
+    spares = []
+    for n, key in enumerate(k for k in sorted(budgets) if k not in used):
+        card = budgets[key]
+        spares.append(
+            PlannedBackend(
+                id=card.tag,
+                kind=BackendKind.SINGLE,
+                port=settings.base_port + first_port_offset + n,
+                gpu_indices=(key,),
+                gpu_uuids=(card.gpu.uuid,),
+                gpu_names=(card.gpu.name,),
+                vram_total_bytes=card.gpu.memory_total_bytes,
+                vram_planned_bytes=0,
+                num_parallel=settings.num_parallel,
+                max_loaded_models=settings.max_loaded_models or 3,
+                speed=round(card.card.mem_bw_gbps / 1000.0, 3),
+                models=(),
+                reason=f"spare card: {card.gpu.name}, nothing preloaded (the gateway loads models here on demand)",
+            )
+        )
+    return spares
 
 
 def _planned_model(d: Draft, f: FittedCopy, findings: Findings, settings: LauncherSettings) -> PlannedModel:

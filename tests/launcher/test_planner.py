@@ -182,13 +182,24 @@ def test_ollamas_default_context_tiers() -> None:
 # -- pins and replicas -------------------------------------------------------------------------
 
 
+def test_cards_the_plan_leaves_unused_get_a_backend_with_nothing_preloaded() -> None:
+    cards = _rig("RTX 4090", "RTX 4090", "RTX 4090", "RTX 4090")
+    p = _plan(cards, ModelEntry("llama3.1:8b", replicas=1, num_parallel=1))
+    placed = [b for b in p.backends if b.models]
+    spares = [b for b in p.backends if not b.models]
+    assert len(placed) == 1 and len(spares) == 3
+    assert sorted(i for b in p.backends for i in b.gpu_indices) == [0, 1, 2, 3]  # every card serves
+    assert all(b.kind == BackendKind.SINGLE and "spare card" in b.reason for b in spares)
+    assert len({b.port for b in p.backends}) == 4 and placed[0].port == 11500  # planned ports unchanged
+
+
 def test_a_pin_by_index_or_uuid_puts_the_model_there_only() -> None:
     cards = _rig("RTX 4090", "RTX 4090", "RTX 4090")
     by_index = _plan(cards, ModelEntry("llama3.1:8b", pin=(1,)))
-    assert [b.id for b in by_index.backends] == ["g1"]
+    assert [b.id for b in by_index.backends if b.models] == ["g1"]
     assert by_index.backends[0].models[0].reason.startswith("pinned to g1")
     by_uuid = _plan(cards, ModelEntry("llama3.1:8b", pin=(cards[2].uuid, 0)))
-    assert [b.id for b in by_uuid.backends] == ["g0", "g2"]
+    assert [b.id for b in by_uuid.backends if b.models] == ["g0", "g2"]
 
 
 def test_a_pin_wins_over_a_hot_model() -> None:
@@ -302,7 +313,7 @@ def test_the_compute_tier_reserve_turns_a_tight_single_card_into_a_split() -> No
     cards = _rig("RTX 4090", "RTX 4090")
     entry = ModelEntry("qwen2.5:32b", num_ctx=8192, num_parallel=1, replicas=1)
     ollama = _plan(cards, entry)
-    assert [(b.id, b.kind) for b in ollama.backends] == [("g0", BackendKind.SINGLE)]
+    assert [(b.id, b.kind) for b in ollama.backends if b.models] == [("g0", BackendKind.SINGLE)]
     tier = _plan(cards, entry, reserve="compute-tier")
     assert [(b.id, b.kind) for b in tier.backends] == [("g0+g1", BackendKind.SPLIT)]
     assert "20.0 GiB free after the 4.0 GiB compute-tier reserve" in _rejections(tier, "qwen2.5:32b")["g0 (RTX 4090)"]
@@ -311,9 +322,9 @@ def test_the_compute_tier_reserve_turns_a_tight_single_card_into_a_split() -> No
 def test_a_card_reserve_by_index_or_uuid_moves_the_model() -> None:
     cards = _rig("RTX 4090", "RTX 4090")
     entry = ModelEntry("llama3.1:8b", replicas=1)
-    assert [b.id for b in _plan(cards, entry, card_reserve_gb={"0": 20.0}).backends] == ["g1"]
+    assert [b.id for b in _plan(cards, entry, card_reserve_gb={"0": 20.0}).backends if b.models] == ["g1"]
     p = _plan(cards, entry, card_reserve_gb={cards[1].uuid: 20.0, "9": 1.0})
-    assert [b.id for b in p.backends] == ["g0"]
+    assert [b.id for b in p.backends if b.models] == ["g0"]
     assert p.warnings == ("launcher.card_reserve_gb.9: no GPU with that index or UUID; ignored",)
 
 
