@@ -28,6 +28,7 @@ from gateway.api.errors import BACKEND_HEADER, error_for
 from gateway.api.fanout import call_all, routable
 from gateway.api.parse import BadRequest, ModelCall, parse_model_call
 from gateway.api.proxy import AttemptFailed, ClientGone, HeldResponse, Outcome, forward
+from gateway.fleet.inflight import SlotTaken
 from gateway.fleet.work import Work
 from gateway.routing.policy import PRIORITIES, Decision, Priority, Reject, RouteRequest, Send, Wait, choose
 
@@ -109,9 +110,10 @@ def _decide(request: web.Request, route: RouteRequest, ticket: Ticket | None = N
     return decision
 
 
-async def _decide_or_wait(request: web.Request, route: RouteRequest) -> Send | Reject:
-    """Choose; on Wait, queue at the gateway until a choice is possible. Raises QueueRefused."""
-    decision = _decide(request, route)
+async def _decide_or_wait(request: web.Request, route: RouteRequest, queue_first: bool = False) -> Send | Reject:
+    """Choose; on Wait, queue at the gateway until a choice is possible. Raises QueueRefused.
+    `queue_first`: wait for a change before choosing (another gateway just took the slot)."""
+    decision: Decision = Wait("all_busy") if queue_first else _decide(request, route)
     if not isinstance(decision, Wait):
         return decision
     app = request.app
@@ -148,9 +150,10 @@ async def _route(
     held: HeldResponse | None = None
     last_failure = ""
     retries_left = settings.retries
+    slot_taken = False
     while True:
         try:
-            decision = await _decide_or_wait(request, route)
+            decision = await _decide_or_wait(request, route, queue_first=slot_taken)
         except QueueRefused as e:
             metrics.queue_rejections.labels(_model_label(request, call.model), e.reason).inc()
             _count(request, call.model, "", 503)
@@ -165,8 +168,12 @@ async def _route(
             _count(request, call.model, "", decision.status)
             headers = {"Retry-After": "1"} if decision.status == 503 else None
             return error_for(request, decision.status, decision.message, headers=headers)
+        slot_taken = False
         try:
             return await _send(request, call, decision, body, started_at, priority)
+        except SlotTaken:
+            slot_taken = True  # another gateway was quicker: wait for the next change
+            continue
         except AttemptFailed as e:
             held = e.held or held
             last_failure = e.message
@@ -215,7 +222,9 @@ async def _send(
         metrics.planned_evictions.labels(planned, backend_id).inc()
     counts = call.kind != "show"  # metadata calls occupy no slot
     cold = counts and not pool.is_resident(backend_id, call.model)
-    async with _maybe_hold(request, backend_id, call, counts, priority) as work:
+    # With a shared store several gateways route to the same copies: a slot is reserved there first.
+    slots = decision.slots if app[appkeys.SETTINGS].state == "redis" else 0
+    async with _maybe_hold(request, backend_id, call, counts, priority, slots) as work:
         if cold:
             pool.start_loading(backend_id, call.model)
         sent_at = time.monotonic()
@@ -260,12 +269,17 @@ def _with_num_ctx(body: bytes, num_ctx: int) -> bytes:
 
 
 def _maybe_hold(
-    request: web.Request, backend_id: str, call: ModelCall, counts: bool, priority: Priority
+    request: web.Request, backend_id: str, call: ModelCall, counts: bool, priority: Priority, slots: int
 ) -> contextlib.AbstractAsyncContextManager[Work | None]:
     if not counts:
         return contextlib.nullcontext()
     return request.app[appkeys.IN_FLIGHT].hold(
-        backend_id, call.model, num_predict=call.num_predict, stream=call.stream, interactive=priority == "interactive"
+        backend_id,
+        call.model,
+        num_predict=call.num_predict,
+        stream=call.stream,
+        interactive=priority == "interactive",
+        slots=slots,
     )
 
 

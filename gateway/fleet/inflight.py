@@ -26,6 +26,10 @@ from gateway.state.memory import StateStore
 log = logging.getLogger(__name__)
 
 
+class SlotTaken(Exception):
+    """Another gateway took the copy's last slot between this gateway's decision and its send."""
+
+
 class InFlight:
     def __init__(self, store: StateStore, pool: BackendPool) -> None:
         self._store = store
@@ -41,11 +45,25 @@ class InFlight:
         num_predict: int | None = None,
         stream: bool = True,
         interactive: bool = True,
+        slots: int = 0,
     ) -> AsyncIterator[Work]:
         """Count one request for the duration of the block; the `Work` it yields takes the proxy's
         token counts. Call it right after the decision, with no await in between, so that
-        concurrent decisions see each other."""
+        concurrent decisions see each other. With `slots` > 0 one of the copy's slots is reserved
+        in the store first (exact across gateways); SlotTaken when none is left."""
         work = self._pool.begin(backend_id, model, num_predict=num_predict, stream=stream, interactive=interactive)
+        token: str | None = None
+        if slots > 0:
+            reserve = asyncio.ensure_future(self._reserve(backend_id, model, slots))
+            try:
+                token = await asyncio.shield(reserve)
+            except BaseException:
+                self._pool.end(work)
+                self._release_later(reserve, backend_id, model)
+                raise
+            if token is None:
+                self._pool.end(work)
+                raise SlotTaken(f"backend {backend_id}: every slot of {model} is taken")
         incr = asyncio.ensure_future(self._incr(backend_id, model))
         try:
             await asyncio.shield(incr)
@@ -55,6 +73,30 @@ class InFlight:
             task = asyncio.create_task(self._decr_after(incr, backend_id, model))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
+            if token:
+                self._release_later(asyncio.ensure_future(_done(token)), backend_id, model)
+
+    async def _reserve(self, backend_id: str, model: str, slots: int) -> str | None:
+        """A slot token; "" when the store failed (routing goes on with this gateway's own count)."""
+        try:
+            return await self._store.reserve_slot(backend_id, model, slots)
+        except Exception as e:
+            log.warning("<%s> slot reservation failed: %s", backend_id, e)
+            return ""
+
+    def _release_later(self, reserve: asyncio.Future[str | None], backend_id: str, model: str) -> None:
+        task = asyncio.create_task(self._release_after(reserve, backend_id, model))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _release_after(self, reserve: asyncio.Future[str | None], backend_id: str, model: str) -> None:
+        await asyncio.wait([reserve])
+        if reserve.cancelled() or reserve.exception() is not None or not reserve.result():
+            return
+        try:
+            await self._store.release_slot(backend_id, model, str(reserve.result()))
+        except Exception as e:  # the reservation then expires with its TTL
+            log.warning("<%s> slot release failed: %s", backend_id, e)
 
     async def _incr(self, backend_id: str, model: str) -> bool:
         """Count the request in the store; False when the store refused (the mirror still counts)."""
@@ -78,3 +120,7 @@ class InFlight:
         """Wait for pending decrements (at shutdown, so the store is left balanced)."""
         if self._pending:
             await asyncio.wait(list(self._pending))
+
+
+async def _done(token: str) -> str:
+    return token

@@ -89,6 +89,9 @@ class Send:
     note: str = ""
     num_ctx: int | None = None
     evicts_planned: tuple[str, ...] = ()
+    # The copy's slots (residency): with a shared store the gateway reserves one of them before
+    # sending, so several gateways never send it more; 0: no limit (baselines, metadata calls).
+    slots: int = 0
 
     @property
     def explanation(self) -> str:

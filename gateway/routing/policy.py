@@ -218,7 +218,14 @@ def choose(request: RouteRequest, snapshot: Snapshot, policy: Policy) -> Decisio
 
     facts = snapshot.models.get(model)
     size = model_size_bytes(model, snapshot)
-    fitting = [v for v in holders if can_ever_fit(v, min_need_bytes(v, request.options, facts, size))]
+    # Under context_policy "fit" a loaded copy may serve a request it could never load as asked.
+    fit_loaded = getattr(policy, "context_policy", "honor") == "fit"
+    fitting = [
+        v
+        for v in holders
+        if can_ever_fit(v, min_need_bytes(v, request.options, facts, size))
+        or (fit_loaded and v.resident_model(model) is not None)
+    ]
     if not fitting:
         # A backend that could hold it but cannot take requests now makes this temporary.
         down = [

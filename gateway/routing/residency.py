@@ -107,7 +107,9 @@ class ResidencyPolicy:
             # A free slot of a loaded copy beats any cold load: those are not even costed.
             best = min((c for c in copies if c.free), key=_copy_rank)
             reason = "split_required" if _needs_split(r, snapshot, eligible) else best.route
-            return Send(best.view.id, reason, best.ttft_s, (_as_estimate(best),), num_ctx=best.num_ctx)
+            return Send(
+                best.view.id, reason, best.ttft_s, (_as_estimate(best),), num_ctx=best.num_ctx, slots=best.slots
+            )
 
         # Every waiter ahead takes a free slot first; this one needs the k-th slot that frees.
         wait_s = math.inf
@@ -129,7 +131,8 @@ class ResidencyPolicy:
                 cold_reason: Reason = "spill" if copies else best_cold.route
                 if _needs_split(r, snapshot, eligible):
                     cold_reason = "split_required"
-                return Send(best_cold.backend_id, cold_reason, best_cold.ttft_s, tuple(estimates))
+                slots = _slots_at(snapshot, best_cold.backend_id, facts)
+                return Send(best_cold.backend_id, cold_reason, best_cold.ttft_s, tuple(estimates), slots=slots)
         if not copies and not estimates and not blocked and protected:
             # Nothing else can ever serve it: evict the planned model, and say so.
             best_p, names = protected[0]
@@ -140,6 +143,15 @@ class ResidencyPolicy:
                 (best_p,),
                 note=f"evicts planned {', '.join(names)}: no other backend can serve this request",
                 evicts_planned=names,
+                slots=_slots_at(snapshot, best_p.backend_id, facts),
+            )
+        if not copies and not estimates and not blocked and not protected:
+            # Only loaded copies that cannot take it at this context, and nowhere to load it as asked.
+            return Reject(
+                500,
+                f"model '{r.display_name}' does not fit any backend at num_ctx {r.options.num_ctx}; "
+                "ask for a smaller num_ctx",
+                "too_large",
             )
         soonest = wait_ttft_s if copies else min((e.ttft_s for e in blocked), default=math.inf)
         return Wait(
@@ -214,11 +226,14 @@ class ResidencyPolicy:
         for view in others:
             if has_copy and not self.spill and planned_somewhere and r.model not in view.record.planned_models:
                 continue
+            if not can_ever_fit(view, min_need_bytes(view, r.options, snapshot.models.get(r.model), size)):
+                continue  # here only for its loaded copy ("fit"), which cannot serve this one
             e = estimate(view, r.model, r.options, r.prompt_tokens, snapshot, self.costs, size)
             if not e.ready_now:
                 blocked.append(e)
                 continue
             if r.priority == "batch" and self._evicts_interactive(view, e, snapshot.now):
+                blocked.append(e)  # may go once that model has been idle a while
                 continue
             planned = _evicted_planned(view, e, r.model, snapshot)
             if planned:
@@ -245,6 +260,11 @@ def _evicted_planned(view: BackendView, e: Estimate, model: str, snapshot: Snaps
     return tuple(
         name for name in e.evicted if name != model and name in view.record.planned_models and copies.get(name, 0) <= 1
     )
+
+
+def _slots_at(snapshot: Snapshot, backend_id: str, facts: ModelFacts | None) -> int:
+    view = snapshot.backend(backend_id)
+    return num_slots(view, facts) if view is not None else 0
 
 
 def _copy_rank(c: _Copy) -> tuple[float, float, str]:

@@ -39,6 +39,14 @@ class StateStore(Protocol):
 
     async def in_flight(self) -> dict[str, dict[str, int]]: ...
 
+    async def reserve_slot(self, backend_id: str, model: str, slots: int) -> str | None:
+        """Take one of the `slots` slots of the model's copy on the backend, atomically across every
+        gateway of the store: a token to release it with, or None when all are taken. A gateway that
+        dies without releasing loses its reservations after the store's TTL."""
+        ...
+
+    async def release_slot(self, backend_id: str, model: str, token: str) -> None: ...
+
     async def close(self) -> None: ...
 
 
@@ -50,6 +58,8 @@ class MemoryStore:
         self._backends: dict[str, tuple[BackendRecord, float | None]] = {}
         self._gpus: dict[str, tuple[list[dict[str, Any]], float | None]] = {}
         self._in_flight: dict[str, dict[str, int]] = {}
+        self._slots: dict[tuple[str, str], set[str]] = {}
+        self._next_token = 0
 
     def _alive(self, expires_at: float | None) -> bool:
         return expires_at is None or expires_at > self._clock()
@@ -93,6 +103,22 @@ class MemoryStore:
 
     async def in_flight(self) -> dict[str, dict[str, int]]:
         return {b: dict(m) for b, m in self._in_flight.items() if m}
+
+    async def reserve_slot(self, backend_id: str, model: str, slots: int) -> str | None:
+        held = self._slots.setdefault((backend_id, model), set())
+        if len(held) >= slots:
+            return None
+        self._next_token += 1
+        token = str(self._next_token)
+        held.add(token)
+        return token
+
+    async def release_slot(self, backend_id: str, model: str, token: str) -> None:
+        held = self._slots.get((backend_id, model))
+        if held is not None:
+            held.discard(token)
+            if not held:
+                del self._slots[(backend_id, model)]
 
     async def close(self) -> None:
         return None

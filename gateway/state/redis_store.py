@@ -7,6 +7,7 @@ Layout (all keys under a prefix, default "corral:"):
   gpu_hosts             set of hosts
   inflight:<owner>      hash "<backend>\\x1f<model>" -> count, one hash per gateway process
   inflight_owners       set of owners
+  slots:<backend>\x1f<model>  sorted set of slot reservations (token -> expiry in ms, Redis time)
 
 In-flight counters are kept per gateway process and summed on read, so a gateway that dies without
 decrementing does not inflate the count forever: its hash carries a TTL that the live process keeps
@@ -53,6 +54,32 @@ return 0
 """
 
 
+# Reserve one slot of a copy: drop expired reservations, then add one if fewer than the limit are
+# held. One script, so two gateways can never both take the last slot. Expiry uses Redis' own clock.
+_RESERVE_SCRIPT = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[2]), ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# Push the expiry of reservations this gateway still holds (its requests are still running).
+_REFRESH_SCRIPT = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 1, #KEYS do
+  redis.call('ZADD', KEYS[i], 'XX', now_ms + tonumber(ARGV[1]), ARGV[i + 1])
+  redis.call('PEXPIRE', KEYS[i], ARGV[1])
+end
+return #KEYS
+"""
+
+
 class RedisStore:
     """StateStore over Redis. `owner_ttl_s` bounds how long a dead gateway's in-flight counts linger."""
 
@@ -64,6 +91,9 @@ class RedisStore:
         self._refresher: asyncio.Task[None] | None = None
         self._decr = self._redis.register_script(_DECR_SCRIPT)
         self._forget_owner = self._redis.register_script(_FORGET_OWNER_SCRIPT)
+        self._reserve = self._redis.register_script(_RESERVE_SCRIPT)
+        self._refresh_slots = self._redis.register_script(_REFRESH_SCRIPT)
+        self._held_slots: dict[str, str] = {}  # token -> its sorted set's key
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "corral:", owner_ttl_s: float = 30.0) -> RedisStore:
@@ -151,6 +181,11 @@ class RedisStore:
             await asyncio.sleep(interval_s)
             with contextlib.suppress(aioredis.RedisError, OSError):
                 await self._redis.pexpire(self._inflight_key, self._owner_ttl_ms)
+                if self._held_slots:
+                    held = list(self._held_slots.items())
+                    await self._refresh_slots(
+                        keys=[key for _, key in held], args=[self._owner_ttl_ms, *(token for token, _ in held)]
+                    )
 
     async def incr_in_flight(self, backend_id: str, model: str) -> int:
         self._ensure_refresher()
@@ -190,13 +225,37 @@ class RedisStore:
             await self._forget_owner(keys=[self._k("inflight", owner), self._k("inflight_owners")], args=[owner])
         return totals
 
+    # Slot reservations --------------------------------------------------------------------------------
+
+    def _slots_key(self, backend_id: str, model: str) -> str:
+        return self._k("slots", f"{backend_id}{_SEP}{model}")
+
+    async def reserve_slot(self, backend_id: str, model: str, slots: int) -> str | None:
+        """One script call: a reservation that expires `owner_ttl_s` after this gateway stops
+        refreshing it (the same refresher keeps the in-flight counters alive)."""
+        self._ensure_refresher()
+        key = self._slots_key(backend_id, model)
+        token = f"{self._owner}:{uuid.uuid4().hex[:12]}"
+        taken = await self._reserve(keys=[key], args=[slots, self._owner_ttl_ms, token])
+        if not int(taken):
+            return None
+        self._held_slots[token] = key
+        return token
+
+    async def release_slot(self, backend_id: str, model: str, token: str) -> None:
+        key = self._held_slots.pop(token, None) or self._slots_key(backend_id, model)
+        await self._redis.zrem(key, token)
+
     async def close(self) -> None:
         if self._refresher is not None:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
-        # Whatever this process counted is finished or abandoned with it.
+        # Whatever this process counted or reserved is finished or abandoned with it.
         with contextlib.suppress(aioredis.RedisError, OSError):
+            for token, key in list(self._held_slots.items()):
+                await self._redis.zrem(key, token)
+            self._held_slots.clear()
             await self._redis.delete(self._inflight_key)
             await self._redis.srem(self._k("inflight_owners"), self._owner)
         await self._redis.aclose()

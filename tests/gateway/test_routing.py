@@ -604,3 +604,41 @@ def test_choose_over_eight_backends_does_not_allocate_wildly() -> None:
     # calls, and the working set of a call stays far below a megabyte.
     assert after - before < 16 * 1024
     assert peak - before < 256 * 1024
+
+
+def test_a_request_only_a_loaded_copy_could_take_is_refused_when_it_does_not_fit_that_copy() -> None:
+    g0 = view(record("g0", num_parallel=4), resident_models=[resident(LLAMA, ctx=8192)])
+    asked = LoadOptions(num_ctx=131072)
+    fits = route(snap(g0), options=asked, prompt_tokens=100, num_predict=100)
+    assert isinstance(fits, Send) and (fits.reason, fits.num_ctx) == ("context_fit", 8192)
+    too_long = route(snap(g0), options=asked, prompt_tokens=60000)
+    assert isinstance(too_long, Reject) and too_long.status == 500 and too_long.reason == "too_large"
+
+
+def test_the_only_copy_of_a_planned_model_is_not_evicted_while_something_else_can_serve() -> None:
+    planned = replace(record("g0", vram_gib=12), planned_models=(QWEN,))
+    g0 = view(planned, resident_models=[resident(QWEN, ctx=65536)], last_used={QWEN: NOW - 3600})
+    g1 = view(record("g1"), resident_models=[resident(LLAMA)], in_flight={LLAMA: 1})
+    # g1's copy of llama is busy; loading it on g0 would evict g0's planned qwen: wait instead.
+    decision = route(snap(g0, g1))
+    assert isinstance(decision, Wait)
+    # With no other copy anywhere, the planned model is evicted, and the decision says so.
+    alone = route(snap(g0))
+    assert isinstance(alone, Send) and alone.evicts_planned == (QWEN,)
+
+
+def test_a_batch_request_never_evicts_a_model_interactive_traffic_just_used() -> None:
+    g0 = view(record("g0", vram_gib=12), resident_models=[resident(QWEN, ctx=65536)], last_used={QWEN: NOW - 10})
+    hot = replace(g0, last_interactive={QWEN: NOW - 10})
+    assert isinstance(route(snap(hot), MISTRAL), Send)  # interactive may (it costs, but it is the only way)
+    assert isinstance(route(snap(hot), MISTRAL, priority="batch"), Wait)
+    cold = replace(g0, last_interactive={QWEN: NOW - 3600})
+    assert isinstance(route(snap(cold), MISTRAL, priority="batch"), Send)
+
+
+def test_choose_looks_only_at_the_backends_that_may_hold_the_model() -> None:
+    others = [view(record(f"x{i}"), installed=[QWEN]) for i in range(50)]
+    g0 = view(record("g0"), installed=[LLAMA], resident_models=[resident(LLAMA)])
+    snapshot = snap(*others, g0)
+    assert [v.id for v in snapshot.candidates(LLAMA)] == ["g0"]
+    assert sent_to(route(snapshot)) == "g0"

@@ -60,6 +60,8 @@ class FakeOllama:
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     stream_started: asyncio.Event = field(default_factory=asyncio.Event)
     server: TestServer | None = None
+    active: int = 0  # generations running now
+    max_active: int = 0  # the most that ever ran at once (what a 1-slot Ollama would have queued)
 
     # -- life ------------------------------------------------------------------------------------
 
@@ -188,6 +190,14 @@ class FakeOllama:
         if model not in self.models:
             return web.json_response({"error": f"model '{model}' not found"}, status=404)
         self.resident.setdefault(model, data.get("options", {}).get("num_ctx", 4096))
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            return await self._generate(request, data, model)
+        finally:
+            self.active -= 1
+
+    async def _generate(self, request: web.Request, data: dict[str, Any], model: str) -> web.StreamResponse:
         chat = request.path == "/api/chat"
         if data.get("stream") is False:
             final = self._final(model)
