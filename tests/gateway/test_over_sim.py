@@ -208,3 +208,47 @@ async def test_a_model_too_large_for_one_card_goes_to_the_split_backend(
     finally:
         await asyncio.to_thread(single.stop)
         await asyncio.to_thread(split.stop)
+
+
+async def test_six_long_generations_use_both_cards_instead_of_queueing_on_the_resident_one(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    # Two 1-slot RTX 4090s, llama3.1:8b loaded on g0 only. Six 1,500-token generations arrive at
+    # once: the first takes g0's slot; the rest wait at the gateway, and since a cold load on g1
+    # (~4.5 s) beats waiting for g0 (~15 s per answer), g1 loads a copy and serves too.
+    install_models(tmp_path / "models", "llama3.1:8b")
+    env = {"OLLAMA_NUM_PARALLEL": "1", "OLLAMA_CONTEXT_LENGTH": "8192"}
+    long_answers = {"answer_tokens_min": 1500, "answer_tokens_max": 1500}
+    sims = {}
+    try:
+        for name in ("g0", "g1"):
+            sims[name] = await asyncio.to_thread(
+                SimServer.start,
+                tmp_path,
+                gpus=["RTX 4090"],
+                env=env,
+                speed=50.0,
+                models_dir=tmp_path / "models",
+                name=name,
+                sim=long_answers,
+            )
+        async with http.post(sims["g0"].url + "/api/generate", json={"model": "llama3.1:8b"}) as resp:
+            assert resp.status == 200  # loaded on g0 (an empty prompt only loads)
+        store = MemoryStore()
+        for name, sim in sims.items():
+            await store.put_backend(record_for(sim, name, ["RTX 4090"], 24, num_parallel=1, default_num_ctx=8192))
+        async with gateway(store) as gw:
+
+            async def long_generation() -> str:
+                payload = {"model": "llama3.1:8b", "prompt": "write a long story", "options": {"num_predict": 1500}}
+                async with http.post(gw.url + "/api/generate", json=payload) as resp:
+                    assert resp.status == 200, await resp.text()
+                    lines = (await resp.read()).splitlines()
+                    assert json.loads(lines[-1])["eval_count"] == 1500
+                    return resp.headers["X-Corral-Backend"]
+
+            served = await asyncio.gather(*(long_generation() for _ in range(6)))
+        assert set(served) == {"g0", "g1"}, served
+    finally:
+        for sim in sims.values():
+            await asyncio.to_thread(sim.stop)

@@ -7,6 +7,7 @@ import json
 import os
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -85,3 +86,59 @@ async def test_a_gateways_own_requests_do_not_hide_the_others_from_its_router(
     await in_flight.settle()
     assert pool.in_flight_counts() == {"g0": {"llama3.1:8b": 1}}
     assert await one.in_flight() == {"g0": {"llama3.1:8b": 1}}
+
+
+async def test_two_gateways_never_put_more_requests_on_a_backend_than_its_slots(
+    stores: tuple[RedisStore, RedisStore],
+) -> None:
+    # One 1-slot backend behind two gateways: each reserves the slot in Redis before sending, so
+    # however the requests are split between them, the backend runs one at a time.
+    fake = await FakeOllama(name="g0", resident={"llama3.1:8b": 4096}, chunks=4, chunk_delay_s=0.01).start()
+    settings = fast_settings(fake.backend(vram_gb=24), state="redis")
+    try:
+        async with (
+            GatewayServer(settings, stores[0], keys=ApiKeys()) as one,
+            GatewayServer(settings, stores[1], keys=ApiKeys()) as two,
+            aiohttp.ClientSession() as http,
+        ):
+
+            async def ask(gw: GatewayServer) -> int:
+                payload = {"model": "llama3.1:8b", "prompt": "hi"}
+                async with http.post(gw.url + "/api/generate", json=payload) as resp:
+                    await resp.read()
+                    return resp.status
+
+            statuses = await asyncio.gather(*(ask(gw) for gw in (one, two) * 4))
+        assert statuses == [200] * 8
+        assert fake.max_active == 1
+    finally:
+        await fake.stop()
+
+
+async def test_a_slot_reservation_is_exact_and_a_dead_gateways_expires(stores: tuple[RedisStore, RedisStore]) -> None:
+    one, two = stores
+    token = await one.reserve_slot("g0", "m", 1)
+    assert token and await two.reserve_slot("g0", "m", 1) is None  # the last slot is taken
+    await one.release_slot("g0", "m", token)
+    again = await two.reserve_slot("g0", "m", 1)
+    assert again is not None
+    # A gateway that dies keeps nothing: its reservations carry a TTL that only it refreshes.
+    prefix = f"corral-gw-test-{uuid.uuid4().hex}:"
+    short = RedisStore.from_url(REDIS_URL, prefix=prefix, owner_ttl_s=1.0)
+    other = RedisStore.from_url(REDIS_URL, prefix=prefix, owner_ttl_s=1.0)
+    try:
+        assert await short.reserve_slot("g0", "m", 1)
+        short._held_slots.clear()  # as if the process died: nothing refreshes it any more
+        assert short._refresher is not None
+        short._refresher.cancel()
+        await wait_for_async(lambda: other.reserve_slot("g0", "m", 1), timeout_s=10)
+    finally:
+        await short.close()
+        await other.close()
+
+
+async def wait_for_async(attempt: Any, timeout_s: float) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await attempt():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met"
+        await asyncio.sleep(0.1)
