@@ -533,3 +533,54 @@ async def test_sigterm_during_preload_stops_cleanly(tmp_path: Path) -> None:
     assert up.lines[-1] == "stopped: the gateway and every backend are down"
     assert not any(line.startswith("ready: ") for line in up.lines)
     await wait_gone(children)
+
+
+async def test_long_generations_for_a_model_planned_on_one_card_spread_onto_the_spare_cards(tmp_path: Path) -> None:
+    # Four cards, one 1-slot copy of llama3.1:8b planned: the other three get backends with nothing
+    # preloaded, and eight long generations spill onto them instead of queueing on the one copy.
+    gateway_port = free_port_range(1)
+    config = tmp_path / "config.toml"
+    config.write_text(
+        "\n".join(
+            [
+                "[launcher]",
+                'ollama_bin = "sim"',
+                f'models_dir = "{tmp_path / "models"}"',
+                f"base_port = {free_port_range(8)}",
+                "start_timeout_s = 60",
+                "num_parallel = 1",
+                "[[models]]",
+                'name = "llama3.1:8b"',
+                "replicas = 1",
+                "[gateway]",
+                f'listen = "127.0.0.1:{gateway_port}"',
+                "[sim]",
+                "answer_tokens_min = 1500",
+                "answer_tokens_max = 1500",
+                *("[[sim.gpus]]\nname = \"RTX 4090\"" for _ in range(4)),
+            ]
+        )
+        + "\n"
+    )
+    url = f"http://127.0.0.1:{gateway_port}"
+    up = await start_up(config)
+    try:
+        await up.wait_for_line("ready: ")
+        async with aiohttp.ClientSession() as session:
+
+            async def long_generation() -> str:
+                body = {"model": "llama3.1:8b", "prompt": "a long story", "options": {"num_predict": 1500}}
+                async with session.post(url + "/api/generate", json=body) as resp:
+                    assert resp.status == 200, await resp.text()
+                    await resp.read()
+                    return resp.headers["X-Corral-Backend"]
+
+            served = await asyncio.gather(*(long_generation() for _ in range(8)))
+            async with session.get(url + "/api/corral/status") as resp:
+                status = await resp.json()
+        planned = [b["id"] for b in status["backends"] if b["planned_models"]]
+        assert len(status["backends"]) == 4 and len(planned) == 1
+        assert len(set(served)) >= 2 and set(served) - set(planned), served  # spare cards served too
+    finally:
+        code = await stop_up(up)
+    assert code == 0, up.stderr
