@@ -220,12 +220,16 @@ def choose(request: RouteRequest, snapshot: Snapshot, policy: Policy) -> Decisio
     size = model_size_bytes(model, snapshot)
     # Under context_policy "fit" a loaded copy may serve a request it could never load as asked.
     fit_loaded = getattr(policy, "context_policy", "honor") == "fit"
-    fitting = [
-        v
-        for v in holders
-        if can_ever_fit(v, min_need_bytes(v, request.options, facts, size))
-        or (fit_loaded and v.resident_model(model) is not None)
-    ]
+    needs: dict[tuple[int, int, int, int, str], int | None] = {}  # most backends look alike
+
+    def fits(v: BackendView) -> bool:
+        rec = v.record
+        key = (rec.num_parallel, rec.gpu_count, rec.vram_total_bytes, v.default_num_ctx, rec.kind)
+        if key not in needs:
+            needs[key] = min_need_bytes(v, request.options, facts, size)
+        return can_ever_fit(v, needs[key])
+
+    fitting = [v for v in holders if fits(v) or (fit_loaded and v.resident_model(model) is not None)]
     if not fitting:
         # A backend that could hold it but cannot take requests now makes this temporary.
         down = [

@@ -44,19 +44,20 @@ from gateway.routing.wait import kth_free_s, slot_free_times, solo_decode_rate, 
 ContextPolicy = Literal["fit", "honor", "reject"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Copy:
-    """A loaded (or loading) copy of the requested model that can serve it as it is."""
+    """A loaded (or loading) copy of the requested model that can serve it as it is. The timing
+    fields are filled by `ResidencyPolicy._time` only for copies the decision weighs."""
 
     view: BackendView
     slots: int
     free: int
-    ttft_s: float  # with a slot: what is left of a load in progress + prefill
-    score_s: float  # ttft + the slowdown of joining the sequences decoding there
-    free_times: tuple[float, ...]  # when each busy slot frees, soonest first
-    service_s: float  # one request's slot time here
     route: Reason
     num_ctx: int | None  # the loaded context, when it serves a larger num_ctx ("fit")
+    ttft_s: float = 0.0  # with a slot: what is left of a load in progress + prefill
+    score_s: float = 0.0  # ttft + the slowdown of joining the sequences decoding there
+    free_times: tuple[float, ...] = ()  # when each busy slot frees, soonest first
+    service_s: float = 0.0  # one request's slot time here
 
 
 @dataclass
@@ -85,7 +86,7 @@ class ResidencyPolicy:
         others: list[BackendView] = []
         too_large_ctx = 0
         for view in eligible:
-            copy = self._copy(view, r, facts, size)
+            copy = self._copy(view, r, facts)
             if copy is not None:
                 copies.append(copy)
                 continue
@@ -105,7 +106,8 @@ class ResidencyPolicy:
         free_total = sum(c.free for c in copies)
         if free_total > r.ahead:
             # A free slot of a loaded copy beats any cold load: those are not even costed.
-            best = min((c for c in copies if c.free), key=_copy_rank)
+            free = [self._time(c, r, facts, size, with_wait=False) for c in copies if c.free]
+            best = min(free, key=_copy_rank)
             reason = "split_required" if _needs_split(r, snapshot, eligible) else best.route
             return Send(
                 best.view.id, reason, best.ttft_s, (_as_estimate(best),), num_ctx=best.num_ctx, slots=best.slots
@@ -115,6 +117,8 @@ class ResidencyPolicy:
         wait_s = math.inf
         copy_prefill_s = 0.0
         if copies:
+            for c in copies:
+                self._time(c, r, facts, size, with_wait=True)
             merged = sorted(t for c in copies for t in c.free_times)
             total_slots = sum(c.slots for c in copies)
             mean_service_s = sum(c.service_s * c.slots for c in copies) / total_slots
@@ -163,8 +167,7 @@ class ResidencyPolicy:
 
     # -- copies that can serve it as it is --------------------------------------------------------
 
-    def _copy(self, view: BackendView, r: RouteRequest, facts: ModelFacts | None, size: int | None) -> _Copy | None:
-        costs = self.costs
+    def _copy(self, view: BackendView, r: RouteRequest, facts: ModelFacts | None) -> _Copy | None:
         loading = view.loading == r.model
         resident = view.resident_model(r.model)
         num_ctx: int | None = None
@@ -180,24 +183,31 @@ class ResidencyPolicy:
         else:
             return None
         slots = num_slots(view, facts)
+        return _Copy(view, slots, max(slots - view.in_flight.get(r.model, 0), 0), route, num_ctx)
+
+    def _time(self, c: _Copy, r: RouteRequest, facts: ModelFacts | None, size: int | None, *, with_wait: bool) -> _Copy:
+        """Fill in the copy's expected time to first token with a slot, and (`with_wait`) when each
+        of its busy slots frees."""
+        costs, view = self.costs, c.view
         in_flight = view.in_flight.get(r.model, 0)
-        extra_s = 0.5 * load_s(view, r.model, size, costs) if loading else 0.0
-        solo = solo_decode_rate(view, r.model, size, fallback_per_speed_bytes=costs.decode_bw_efficiency * 1e12)
-        typical = typical_answer_tokens(view, r.model, costs.output_tokens)
-        service = service_s(view, r.model, size, r.prompt_tokens, costs)
-        times = slot_free_times(
-            view,
-            r.model,
-            slots,
-            solo_tokens_per_s=solo,
-            typical_tokens=typical,
-            slowdown_per_sequence=costs.batch_slowdown_per_sequence,
-            fallback_service_s=service,
-            extra_s=extra_s,
-        )
-        ttft = extra_s + prefill_s(view, r.model, size, r.prompt_tokens, costs)
-        sharing = min(in_flight, slots) * costs.batch_slowdown_per_sequence * decode_s(view, r.model, size, costs)
-        return _Copy(view, slots, max(slots - in_flight, 0), ttft, ttft + sharing, times, service, route, num_ctx)
+        extra_s = 0.5 * load_s(view, r.model, size, costs) if c.route == "loading" else 0.0
+        c.ttft_s = extra_s + prefill_s(view, r.model, size, r.prompt_tokens, costs)
+        sharing = min(in_flight, c.slots) * costs.batch_slowdown_per_sequence * decode_s(view, r.model, size, costs)
+        c.score_s = c.ttft_s + sharing
+        if with_wait:
+            solo = solo_decode_rate(view, r.model, size, fallback_per_speed_bytes=costs.decode_bw_efficiency * 1e12)
+            c.service_s = service_s(view, r.model, size, r.prompt_tokens, costs)
+            c.free_times = slot_free_times(
+                view,
+                r.model,
+                c.slots,
+                solo_tokens_per_s=solo,
+                typical_tokens=typical_answer_tokens(view, r.model, costs.output_tokens),
+                slowdown_per_sequence=costs.batch_slowdown_per_sequence,
+                fallback_service_s=c.service_s,
+                extra_s=extra_s,
+            )
+        return c
 
     def _fits_loaded(self, view: BackendView, r: RouteRequest, loaded_ctx: int, facts: ModelFacts | None) -> bool:
         """context_policy "fit": a larger num_ctx whose prompt plus expected answer fits the loaded

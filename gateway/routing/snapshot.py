@@ -147,11 +147,12 @@ class BackendView:
     def id(self) -> str:
         return self.record.id
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {r.name: r for r in self.resident})
+
     def resident_model(self, name: str) -> ResidentModel | None:
-        for r in self.resident:
-            if r.name == name:
-                return r
-        return None
+        by_name: dict[str, ResidentModel] = self._by_name  # type: ignore[attr-defined]
+        return by_name.get(name)
 
     def total_in_flight(self) -> int:
         return sum(self.in_flight.values())
