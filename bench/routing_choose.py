@@ -51,7 +51,8 @@ def fleet(backends: int, models: int, seed: int) -> Snapshot:
         resident = tuple(ResidentModel(n, int(4.5e9), int(5.5e9), 4096, NOW + 300) for n in resident_names)
         in_flight = {n: rng.randint(0, 4) for n in resident_names}
         work = {
-            n: tuple(WorkItem(256, rng.randint(0, 200), 1.0, True, False) for _ in range(c)) for n, c in in_flight.items()
+            n: tuple(WorkItem(256, rng.randint(0, 200), 1.0, True, False) for _ in range(count))
+            for n, count in in_flight.items()
         }
         observed = {n: ObservedStats(tokens_per_s=90.0, load_s=3.0, service_s=3.0, samples=10) for n in resident_names}
         views.append(
