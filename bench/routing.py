@@ -1,9 +1,18 @@
 """Routing quality on a simulated heterogeneous rig: where requests go decides how long users wait.
 
-    .venv/bin/python -m bench.routing             # a few minutes; writes bench/results/routing.json
+    .venv/bin/python -m bench.routing             # several minutes; writes bench/results/routing.json
+    .venv/bin/python -m bench.routing --scenarios burst,batch
 
-One workload, replayed against four set-ups built from the same simulated cards (2x RTX 4090 +
-2x RTX 3090, `corral-sim serve`, a time factor so the run takes minutes, not hours):
+Scenarios, each replayed against set-ups built from the same simulated cards (2x RTX 4090 +
+2x RTX 3090, `corral-sim serve`, a time factor so the run takes minutes, not hours), and against
+the clairvoyant reference (bench/routing_reference.py) over the same arrivals:
+  mixed  five models, Poisson arrivals and a burst of the hot model, every card cold at the start
+  burst  (a) eight 1,500-token generations at once for a model loaded on one 1-slot card of four
+  batch  (b) 400 batch-lane requests of 300 tokens on a model loaded on every card (4 slots),
+         with interactive traffic beside it; interactive TTFT is compared with a run without the
+         batch, and the batch's throughput with N x one card's (from the performance model)
+
+Set-ups (the mixed scenario runs all four, the others residency, round-robin and stock):
   residency    one backend per card behind Corral's gateway, policy `residency`
   least-busy   the same backends, policy `least-busy`
   round-robin  the same backends, policy `round-robin` (what a hand-written nginx upstream does)
@@ -38,6 +47,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.overhead import gateway_process  # noqa: E402 - the repo root must be importable first
+from bench.routing_reference import Job, clairvoyant  # noqa: E402
+from launcher.facts import perf  # noqa: E402
+from launcher.facts.cards import find_card  # noqa: E402
+from launcher.facts.catalog import find_model  # noqa: E402
 from launcher.sim.harness import SimServer, install_models  # noqa: E402
 
 CARDS = ["RTX 4090", "RTX 4090", "RTX 3090", "RTX 3090"]
@@ -55,6 +68,40 @@ class Arrival:
     prompt_words: int
     num_predict: int
     burst: bool = False
+    batch: bool = False  # sent with X-Corral-Priority: batch
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    num_parallel: int
+    warm: tuple[tuple[str, ...], ...] = ()  # models loaded on card i before the replay
+    setups: tuple[str, ...] = ("residency", "round-robin", "stock")
+
+
+SCENARIOS = {
+    "mixed": Scenario("mixed", NUM_PARALLEL, setups=("residency", "least-busy", "round-robin", "stock")),
+    "burst": Scenario("burst", 1, warm=(("llama3.1:8b",),)),
+    "batch": Scenario("batch", NUM_PARALLEL, warm=(("llama3.1:8b",),) * 4),
+}
+
+
+def burst_workload(count: int = 8) -> list[Arrival]:
+    return [Arrival(0.05 * i, "llama3.1:8b", 300, 1500, burst=True) for i in range(count)]
+
+
+def batch_workload(seed: int, duration_s: float, batch: int, *, with_batch: bool = True) -> list[Arrival]:
+    """`batch` batch-lane requests at t=0 and interactive requests (Poisson, 0.5/s) beside them."""
+    rng = random.Random(seed)
+    arrivals, t = [], 0.0
+    while True:
+        t += rng.expovariate(0.5)
+        if t >= duration_s:
+            break
+        arrivals.append(Arrival(t, "llama3.1:8b", rng.randint(50, 300), rng.randint(40, 120)))
+    if with_batch:
+        arrivals += [Arrival(0.01 * i, "llama3.1:8b", 200, 300, batch=True) for i in range(batch)]
+    return sorted(arrivals, key=lambda a: a.at_s)
 
 
 def workload(seed: int, duration_s: float, rate_per_s: float, burst: int) -> list[Arrival]:
@@ -83,6 +130,8 @@ class Result:
     status: int
     backend: str
     burst: bool
+    batch: bool = False
+    done_s: float = 0.0  # simulated, since the start of the replay
 
 
 async def replay(url: str, arrivals: list[Arrival], speed: float, setup: str) -> tuple[list[Result], float]:
@@ -101,7 +150,8 @@ async def replay(url: str, arrivals: list[Arrival], speed: float, setup: str) ->
             }
             started = time.monotonic()
             ttft, final, status, backend = float("nan"), {}, 0, ""
-            async with session.post(url + "/api/chat", json=body) as resp:
+            headers = {"X-Corral-Priority": "batch"} if a.batch else {}
+            async with session.post(url + "/api/chat", json=body, headers=headers) as resp:
                 status, backend = resp.status, resp.headers.get("X-Corral-Backend", "stock")
                 async for line in resp.content:
                     if ttft != ttft:  # first chunk
@@ -110,7 +160,10 @@ async def replay(url: str, arrivals: list[Arrival], speed: float, setup: str) ->
                         final = json.loads(line)
             total = time.monotonic() - started
             cold = final.get("load_duration", 0) > LOAD_SHOWN_S * 1e9
-            results.append(Result(setup, a.model, ttft * speed, total * speed, cold, status, backend, a.burst))
+            done = (time.monotonic() - t0) * speed
+            results.append(
+                Result(setup, a.model, ttft * speed, total * speed, cold, status, backend, a.burst, a.batch, done)
+            )
 
         t0 = time.monotonic()
         await asyncio.gather(*(one(a, t0) for a in arrivals))
@@ -119,9 +172,11 @@ async def replay(url: str, arrivals: list[Arrival], speed: float, setup: str) ->
 
 
 @contextlib.contextmanager
-def backends(workdir: Path, speed: float, *, stock: bool) -> Iterator[list[SimServer]]:
-    env = {"OLLAMA_NUM_PARALLEL": str(NUM_PARALLEL), "OLLAMA_KEEP_ALIVE": "30m", "OLLAMA_CONTEXT_LENGTH": str(NUM_CTX)}
-    sim = {"answer_tokens_min": 300, "answer_tokens_max": 300}  # num_predict decides every length
+def backends(
+    workdir: Path, speed: float, *, stock: bool, num_parallel: int = NUM_PARALLEL
+) -> Iterator[list[SimServer]]:
+    env = {"OLLAMA_NUM_PARALLEL": str(num_parallel), "OLLAMA_KEEP_ALIVE": "30m", "OLLAMA_CONTEXT_LENGTH": str(NUM_CTX)}
+    sim = {"answer_tokens_min": 2000, "answer_tokens_max": 2000}  # num_predict decides every length
     models = workdir / "models"
     with contextlib.ExitStack() as stack:
         if stock:
@@ -148,7 +203,7 @@ def backends(workdir: Path, speed: float, *, stock: bool) -> Iterator[list[SimSe
         yield sims
 
 
-def gateway_config_lines(sims: list[SimServer]) -> list[str]:
+def gateway_config_lines(sims: list[SimServer], num_parallel: int = NUM_PARALLEL) -> list[str]:
     lines = []
     for i, sim in enumerate(sims):
         speed = 1.008 if CARDS[i] == "RTX 4090" else 0.936  # memory bandwidth / 1 TB/s
@@ -159,7 +214,7 @@ def gateway_config_lines(sims: list[SimServer]) -> list[str]:
             f'gpus = ["{CARDS[i]}"]',
             "vram_gb = 24",
             f"speed = {speed}",
-            f"num_parallel = {NUM_PARALLEL}",
+            f"num_parallel = {num_parallel}",
             f"num_ctx = {NUM_CTX}",
             'store_id = "bench"',
         ]
@@ -170,27 +225,49 @@ def evictions(sims: list[SimServer]) -> int:
     return sum(sim.log().count("evicting ") for sim in sims)
 
 
-def run_setup(setup: str, arrivals: list[Arrival], speed: float) -> dict[str, object]:
+def warm_up(sims: list[SimServer], scenario: Scenario, *, stock: bool) -> None:
+    """Load the scenario's models where it says (an empty prompt only loads), before the replay."""
+    import urllib.request
+
+    for i, models in enumerate(scenario.warm):
+        for model in models:
+            target = sims[0] if stock else sims[i]
+            body = json.dumps({"model": model, "options": {"num_ctx": NUM_CTX}}).encode()
+            req = urllib.request.Request(target.url + "/api/generate", data=body, method="POST")
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                resp.read()
+            if stock:
+                return  # one server: one copy
+
+
+def run_setup(setup: str, arrivals: list[Arrival], speed: float, scenario: Scenario) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix=f"corral-routing-{setup}-") as tmp:
         workdir = Path(tmp)
         install_models(workdir / "models", *(m for m, _ in MODELS))
-        with backends(workdir, speed, stock=setup == "stock") as sims:
-            if setup == "stock":
+        stock = setup == "stock"
+        with backends(workdir, speed, stock=stock, num_parallel=scenario.num_parallel) as sims:
+            warm_up(sims, scenario, stock=stock)
+            if stock:
                 url_cm: contextlib.AbstractContextManager[str] = contextlib.nullcontext(sims[0].url)
             else:
-                url_cm = gateway_process(
-                    workdir, [], policy=setup, queue_size=10000, extra_lines=gateway_config_lines(sims)
-                )
+                lines = gateway_config_lines(sims, scenario.num_parallel)
+                url_cm = gateway_process(workdir, [], policy=setup, queue_size=10000, extra_lines=lines)
             with url_cm as url:
                 results, sim_wall_s = asyncio.run(replay(url, arrivals, speed, setup))
             evicted = evictions(sims)
+    return summarize(setup, results, sim_wall_s, evicted)
+
+
+def summarize(setup: str, results: list[Result], sim_wall_s: float, evicted: int) -> dict[str, object]:
     ok = [r for r in results if r.status == 200]
-    ttfts = sorted(r.ttft_s for r in ok)
+    interactive = [r for r in ok if not r.batch]
+    batch = [r for r in ok if r.batch]
+    ttfts = sorted(r.ttft_s for r in interactive)
 
     def pct(q: float, values: list[float] = ttfts) -> float:
         return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
-    burst_ttfts = sorted(r.ttft_s for r in ok if r.burst)
+    burst_ttfts = sorted(r.ttft_s for r in interactive if r.burst)
 
     per_backend: dict[str, int] = {}
     for r in ok:
@@ -207,26 +284,72 @@ def run_setup(setup: str, arrivals: list[Arrival], speed: float) -> dict[str, ob
         "burst_ttft_p95_s": pct(0.95, burst_ttfts),
         "cold_loads": sum(r.cold_load for r in ok),
         "evictions": evicted,
+        "batch_done_s": max((r.done_s for r in batch), default=float("nan")),
         "per_backend": dict(sorted(per_backend.items())),
         "results": [asdict(r) for r in results],
     }
 
 
+def reference_row(arrivals: list[Arrival], scenario: Scenario) -> dict[str, object]:
+    jobs = [Job(a.at_s, a.model, a.prompt_words, a.num_predict, not a.batch) for a in arrivals]
+    sched = clairvoyant(jobs, CARDS, slots=scenario.num_parallel, num_ctx=NUM_CTX, resident=scenario.warm)
+    interactive = [not a.batch for a in arrivals]
+    burst = [a.burst and not a.batch for a in arrivals]
+    batch_done = [d for d, a in zip(sched.done_s, arrivals, strict=True) if a.batch]
+    return {
+        "setup": "reference",
+        "requests": len(arrivals),
+        "ok": len(arrivals),
+        "ttft_p50_s": sched.p(0.5, interactive),
+        "ttft_p95_s": sched.p(0.95, interactive),
+        "burst_ttft_p50_s": sched.p(0.5, burst) if any(burst) else float("nan"),
+        "burst_ttft_p95_s": sched.p(0.95, burst) if any(burst) else float("nan"),
+        "cold_loads": sched.cold_loads,
+        "evictions": 0,
+        "batch_done_s": max(batch_done, default=float("nan")),
+        "per_backend": {},
+    }
+
+
+def fleet_tokens_per_s(model: str, num_parallel: int) -> float:
+    """N x one card: each card's batched decode throughput with every slot busy, summed."""
+    spec = find_model(model)
+    assert spec is not None
+    total = 0.0
+    for name in CARDS:
+        card = find_card(name)
+        assert card is not None
+        placement = perf.split_layers(spec, perf.LoadOptions(num_ctx=NUM_CTX), [(card, card.vram_bytes)])
+        assert placement is not None
+        total += num_parallel * perf.tokens_per_second(spec, placement, batch=num_parallel)
+    return total
+
+
+def _f(value: object) -> float:
+    return float(value)  # type: ignore[arg-type]
+
+
 def render(rows: list[dict[str, object]]) -> str:
-    base = next((r for r in rows if r["setup"] == "round-robin"), rows[0])
+    by_setup = {str(r["setup"]): r for r in rows}
+    rr, stock, ref = by_setup.get("round-robin"), by_setup.get("stock"), by_setup.get("reference")
+
+    def ratio(r: dict[str, object], base: dict[str, object] | None) -> str:
+        if base is None or not _f(base["ttft_p95_s"]):
+            return "-"
+        return f"{_f(r['ttft_p95_s']) / _f(base['ttft_p95_s']):.2f}x"
+
     lines = [
-        "| set-up | ok / sent | TTFT p50 s | TTFT p95 s | p95 vs round-robin | burst TTFT p50 / p95 s "
-        "| cold loads | evictions | requests per backend |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| set-up | ok / sent | TTFT p50 s | TTFT p95 s | p95 vs round-robin | p95 vs stock | p95 vs reference "
+        "| burst TTFT p50 / p95 s | cold loads | evictions | batch done s | requests per backend |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        ratio = float(r["ttft_p95_s"]) / float(base["ttft_p95_s"])  # type: ignore[arg-type]
         per_backend = " ".join(f"{k}:{v}" for k, v in r["per_backend"].items())  # type: ignore[attr-defined]
         lines.append(
             f"| {r['setup']} | {r['ok']} / {r['requests']} "
-            f"| {float(r['ttft_p50_s']):.2f} | {float(r['ttft_p95_s']):.2f} | {ratio:.2f}x "  # type: ignore[arg-type]
-            f"| {float(r['burst_ttft_p50_s']):.2f} / {float(r['burst_ttft_p95_s']):.2f} "  # type: ignore[arg-type]
-            f"| {r['cold_loads']} | {r['evictions']} | {per_backend} |"
+            f"| {_f(r['ttft_p50_s']):.2f} | {_f(r['ttft_p95_s']):.2f} | {ratio(r, rr)} | {ratio(r, stock)} "
+            f"| {ratio(r, ref)} | {_f(r['burst_ttft_p50_s']):.2f} / {_f(r['burst_ttft_p95_s']):.2f} "
+            f"| {r['cold_loads']} | {r['evictions']} | {_f(r.get('batch_done_s', float('nan'))):.0f} | {per_backend} |"
         )
     return "\n".join(lines)
 
@@ -234,23 +357,56 @@ def render(rows: list[dict[str, object]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.routing", description=__doc__.split("\n\n")[0])
     parser.add_argument("--speed", type=float, default=20.0, help="the simulated backends' time factor")
-    parser.add_argument("--duration", type=float, default=600.0, help="simulated seconds of arrivals")
-    parser.add_argument("--rate", type=float, default=1.0, help="arrivals per simulated second")
-    parser.add_argument("--burst", type=int, default=60, help="hot-model requests landing at half time")
+    parser.add_argument("--duration", type=float, default=600.0, help="simulated seconds of arrivals (mixed)")
+    parser.add_argument("--rate", type=float, default=1.0, help="arrivals per simulated second (mixed)")
+    parser.add_argument("--burst", type=int, default=60, help="hot-model requests landing at half time (mixed)")
+    parser.add_argument("--batch", type=int, default=400, help="batch-lane requests (batch)")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--setups", default="residency,least-busy,round-robin,stock")
+    parser.add_argument("--scenarios", default="mixed,burst,batch")
+    parser.add_argument("--setups", default="", help="override the set-ups every scenario runs")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "routing.json")
     args = parser.parse_args(argv)
 
-    arrivals = workload(args.seed, args.duration, args.rate, args.burst)
-    print(f"{len(arrivals)} requests over {args.duration:g} simulated s at time factor {args.speed:g}", file=sys.stderr)
-    rows = []
-    for setup in args.setups.split(","):
-        rows.append(run_setup(setup, arrivals, args.speed))
-        print(f"{setup}: done, per backend {rows[-1]['per_backend']}", file=sys.stderr)
-    print(render(rows))
+    report: dict[str, object] = {"args": {k: str(v) for k, v in vars(args).items()}}
+    for name in args.scenarios.split(","):
+        scenario = SCENARIOS[name]
+        if name == "mixed":
+            arrivals = workload(args.seed, args.duration, args.rate, args.burst)
+        elif name == "burst":
+            arrivals = burst_workload()
+        else:
+            arrivals = batch_workload(args.seed, 120.0, args.batch)
+        setups = args.setups.split(",") if args.setups else list(scenario.setups)
+        print(f"{name}: {len(arrivals)} requests at time factor {args.speed:g}", file=sys.stderr)
+        rows = [reference_row(arrivals, scenario)]
+        for setup in setups:
+            rows.append(run_setup(setup, arrivals, args.speed, scenario))
+            print(f"{name}/{setup}: done, per backend {rows[-1]['per_backend']}", file=sys.stderr)
+        if name == "batch":
+            alone = batch_workload(args.seed, 120.0, args.batch, with_batch=False)
+            row = run_setup("residency", alone, args.speed, scenario)
+            row["setup"] = "residency, no batch"
+            rows.append(row)
+            fleet = fleet_tokens_per_s("llama3.1:8b", scenario.num_parallel)
+            for r in rows:
+                done = _f(r.get("batch_done_s", float("nan")))
+                r["batch_tokens_per_s"] = args.batch * 300 / done if done == done and done > 0 else float("nan")
+                r["batch_vs_fleet"] = _f(r["batch_tokens_per_s"]) / fleet
+            print(f"batch: N x one card = {fleet:.0f} tokens/s", file=sys.stderr)
+        print(f"\n### {name}\n")
+        print(render(rows))
+        if name == "batch":
+            print(
+                "\nbatch throughput vs N x one card: "
+                + ", ".join(
+                    f"{r['setup']} {_f(r['batch_vs_fleet']):.2f}"
+                    for r in rows
+                    if r.get("batch_vs_fleet") == r.get("batch_vs_fleet")
+                )
+            )
+        report[name] = rows
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+    args.out.write_text(json.dumps(report, indent=1))
     print(f"\nwrote {args.out}", file=sys.stderr)
     return 0
 

@@ -31,7 +31,6 @@ from launcher.supervise.supervisor import (
     Supervisor,
     Timing,
     backoff_delay,
-    wait_for_restart,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -489,3 +488,8 @@ async def test_sigkill_of_the_launcher_leaves_no_backend_and_no_runner() -> None
         if launcher.returncode is None:
             launcher.kill()
             await launcher.wait()
+
+
+async def wait_for_restart(proc: BackendProcess, restarts: int, timeout_s: float) -> None:
+    """Block until `proc` has been restarted `restarts` times and is ready again."""
+    await proc.wait_for(lambda: proc.restarts >= restarts and proc.state == State.READY, timeout_s)
