@@ -224,39 +224,40 @@ async def _send(
     cold = counts and not pool.is_resident(backend_id, call.model)
     # With a shared store several gateways route to the same copies: a slot is reserved there first.
     slots = decision.slots if app[appkeys.SETTINGS].state == "redis" else 0
-    async with _maybe_hold(request, backend_id, call, counts, priority, slots) as work:
+    if cold:  # before any await: the next decision must see this load in progress
+        pool.start_loading(backend_id, call.model)
+    try:
+        async with _maybe_hold(request, backend_id, call, counts, priority, slots) as work:
+            sent_at = time.monotonic()
+            try:
+                outcome = await forward(
+                    request,
+                    app[appkeys.SESSION],
+                    backend_id,
+                    record.url,
+                    body,
+                    connect_timeout_s=app[appkeys.SETTINGS].connect_timeout_s,
+                    started_at=started_at,
+                    on_tokens=work.add_tokens if work is not None else None,
+                    extra_headers=extra_headers,
+                )
+            except AttemptFailed as e:
+                if e.connection_failed and pool.mark_failure(backend_id, e.message):
+                    metrics.ejections.labels(backend_id).inc()
+                raise
+            except ClientGone as e:
+                _count(request, call.model, backend_id, CLIENT_CLOSED_STATUS)
+                log.debug("<%s> client hung up on %s %s", backend_id, request.method, request.path)
+                return e.response
+            except asyncio.CancelledError:
+                _count(request, call.model, backend_id, CLIENT_CLOSED_STATUS)
+                log.debug("<%s> client hung up on %s %s", backend_id, request.method, request.path)
+                raise
+            sequences = pool.in_flight_of(backend_id, call.model)
+            _learn(request, call, backend_id, outcome, started_at, time.monotonic() - sent_at, sequences)
+    finally:
         if cold:
-            pool.start_loading(backend_id, call.model)
-        sent_at = time.monotonic()
-        try:
-            outcome = await forward(
-                request,
-                app[appkeys.SESSION],
-                backend_id,
-                record.url,
-                body,
-                connect_timeout_s=app[appkeys.SETTINGS].connect_timeout_s,
-                started_at=started_at,
-                on_tokens=work.add_tokens if work is not None else None,
-                extra_headers=extra_headers,
-            )
-        except AttemptFailed as e:
-            if e.connection_failed and pool.mark_failure(backend_id, e.message):
-                metrics.ejections.labels(backend_id).inc()
-            raise
-        except ClientGone as e:
-            _count(request, call.model, backend_id, CLIENT_CLOSED_STATUS)
-            log.debug("<%s> client hung up on %s %s", backend_id, request.method, request.path)
-            return e.response
-        except asyncio.CancelledError:
-            _count(request, call.model, backend_id, CLIENT_CLOSED_STATUS)
-            log.debug("<%s> client hung up on %s %s", backend_id, request.method, request.path)
-            raise
-        finally:
-            if cold:
-                pool.stop_loading(backend_id, call.model)
-        sequences = pool.in_flight_of(backend_id, call.model)
-        _learn(request, call, backend_id, outcome, started_at, time.monotonic() - sent_at, sequences)
+            pool.stop_loading(backend_id, call.model)
     return outcome.response
 
 

@@ -168,8 +168,10 @@ class ResidencyPolicy:
     # -- copies that can serve it as it is --------------------------------------------------------
 
     def _copy(self, view: BackendView, r: RouteRequest, facts: ModelFacts | None) -> _Copy | None:
-        loading = view.loading == r.model
         resident = view.resident_model(r.model)
+        # Requests in flight for a model not resident there: a load the gateway started (its
+        # requests hold the slots of the copy being loaded, whatever the poll says yet).
+        loading = view.loading == r.model or (resident is None and view.in_flight.get(r.model, 0) > 0)
         num_ctx: int | None = None
         route: Reason
         if loading:
