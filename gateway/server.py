@@ -24,7 +24,7 @@ from gateway.api.auth import ApiKeys, check_listen_allowed, load_keys
 from gateway.app import create_app
 from gateway.appkeys import TRACKER
 from gateway.config import GatewaySettings
-from gateway.state.memory import StateStore
+from gateway.state.store import StateStore
 
 log = logging.getLogger(__name__)
 

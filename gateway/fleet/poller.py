@@ -21,7 +21,7 @@ from gateway.config import GatewaySettings
 from gateway.fleet.modelfacts import facts_from_catalog, facts_from_show
 from gateway.fleet.pool import BackendPool, row_model_name
 from gateway.metrics import Metrics
-from gateway.state.memory import StateStore
+from gateway.state.store import StateStore
 from launcher.models.show import needs_verbose
 
 log = logging.getLogger(__name__)

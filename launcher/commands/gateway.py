@@ -22,7 +22,7 @@ from typing import Any
 from gateway.config import GatewaySettings, gateway_settings_from
 from gateway.routing.policy import POLICY_NAMES
 from gateway.server import GatewayServer
-from gateway.state.memory import StateStore, open_store
+from gateway.state.store import StateStore, open_store
 from launcher.facts.strictconf import load_toml
 
 log = logging.getLogger(__name__)

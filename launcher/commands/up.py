@@ -32,7 +32,7 @@ import aiohttp
 
 from gateway.api.auth import check_listen_allowed, load_keys
 from gateway.config import GatewaySettings
-from gateway.state.memory import StateStore, open_store
+from gateway.state.store import StateStore, open_store
 from launcher.commands.rig import Rig, model_specs, resolve_rig
 from launcher.config import CorralConfig, load_config
 from launcher.facts.catalog import normalize_name

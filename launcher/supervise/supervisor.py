@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 
 from gateway.record import BackendRecord, BackendState
-from gateway.state.memory import StateStore
+from gateway.state.store import StateStore
 from launcher.facts.ollama import context_length_env
 from launcher.supervise.backend import (
     BackendLaunch,
