@@ -8,6 +8,7 @@ reference implementation; every store passes the same test suite.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -59,3 +60,25 @@ def open_store(kind: str, redis_url: str = "", *, prefix: str = "corral:") -> St
 
         return RedisStore.from_url(redis_url, prefix=prefix)
     raise ValueError(f"unknown state store {kind!r} (allowed: memory, redis)")
+
+
+class StoreUnreachable(Exception):
+    """The shared state store does not answer; `str()` is the line to print."""
+
+
+STORE_PING_TIMEOUT_S = 10.0
+
+
+async def open_checked_store(kind: str, redis_url: str = "", *, timeout_s: float = STORE_PING_TIMEOUT_S) -> StateStore:
+    """`open_store`, then one ping, so an unreachable shared store is one clear line before anything
+    starts instead of a traceback from its first use. Raises StoreUnreachable (the store closed)."""
+    store = open_store(kind, redis_url)
+    try:
+        await asyncio.wait_for(store.ping(), timeout_s)
+    except BaseException as e:
+        await store.close()
+        if not isinstance(e, Exception):
+            raise  # cancelled: a stop signal came first
+        reason = str(e) or f"no answer within {timeout_s:g}s"
+        raise StoreUnreachable(f"cannot reach the state store at {redis_url}: {reason}") from None
+    return store
