@@ -295,8 +295,3 @@ class Supervisor:
                     await self.publish(proc)
                 except Exception:
                     log.exception("<%s> heartbeat failed", proc.id)
-
-
-async def wait_for_restart(proc: BackendProcess, restarts: int, timeout_s: float) -> None:
-    """Block until `proc` has been restarted `restarts` times and is ready again (for tests, tools)."""
-    await proc.wait_for(lambda: proc.restarts >= restarts and proc.state == State.READY, timeout_s)

@@ -32,7 +32,6 @@ from launcher.supervise.supervisor import (
     Supervisor,
     Timing,
     backoff_delay,
-    wait_for_restart,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,6 +62,11 @@ def planned(backend_id: str = "g0", port: int | None = None, **overrides: object
 def launch(backend: PlannedBackend, *flags: str, log_dir: str = "") -> BackendLaunch:
     env = dict(os.environ) | {"OLLAMA_HOST": f"127.0.0.1:{backend.port}"}
     return BackendLaunch(backend, (sys.executable, MISBEHAVE, "serve", *flags), env, log_dir=log_dir)
+
+
+async def wait_for_restart(proc: BackendProcess, restarts: int, timeout_s: float) -> None:
+    """Until `proc` has been restarted `restarts` times and is ready again."""
+    await proc.wait_for(lambda: proc.restarts >= restarts and proc.state == State.READY, timeout_s)
 
 
 def alive(pid: int) -> bool:
