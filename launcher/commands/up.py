@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -63,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--speed", type=float, default=None, help="simulated rig only: time factor (overrides CORRAL_SIM_SPEED)"
     )
     parser.add_argument("--listen", default=None, help="gateway address HOST:PORT (overrides [gateway].listen)")
+    parser.add_argument(
+        "--base-port",
+        type=int,
+        default=None,
+        help="first backend port; backends take consecutive ports from here (overrides [launcher].base_port)",
+    )
 
 
 @dataclass(frozen=True)
@@ -93,8 +99,17 @@ def options_from(args: argparse.Namespace, cfg: CorralConfig) -> UpOptions:
     )
 
 
+def with_base_port(cfg: CorralConfig, base_port: int | None) -> CorralConfig:
+    """The config with `--base-port` applied, checked like `[launcher].base_port`."""
+    if base_port is None:
+        return cfg
+    if not 1024 <= base_port <= 65000:
+        raise ConfigError("--base-port", f"must be between 1024 and 65000, got {base_port}")
+    return replace(cfg, launcher=replace(cfg.launcher, base_port=base_port))
+
+
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+    cfg = with_base_port(load_config(args.config), args.base_port)
     check_env_overrides(cfg.launcher)
     opts = options_from(args, cfg)
     return asyncio.run(_up(cfg, opts, ProgressPrinter(sys.stdout)))
