@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager
 
 from gateway.fleet.pool import BackendPool
 from gateway.fleet.work import Work
-from gateway.state.memory import StateStore
+from gateway.state.store import StateStore
 
 log = logging.getLogger(__name__)
 
