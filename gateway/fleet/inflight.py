@@ -105,6 +105,7 @@ class InFlight:
         except Exception as e:  # routing goes on with the local mirror
             log.warning("<%s> in-flight increment failed: %s", backend_id, e)
             return False
+        self._pool.note_stored(backend_id, model, +1)
         return True
 
     async def _decr_after(self, incr: asyncio.Future[bool], backend_id: str, model: str) -> None:
@@ -115,6 +116,8 @@ class InFlight:
             await self._store.decr_in_flight(backend_id, model)
         except Exception as e:
             log.warning("<%s> in-flight decrement failed: %s", backend_id, e)
+            return
+        self._pool.note_stored(backend_id, model, -1)
 
     async def settle(self) -> None:
         """Wait for pending decrements (at shutdown, so the store is left balanced)."""

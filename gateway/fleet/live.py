@@ -171,3 +171,21 @@ def _note_resident(
         ResidentModel(model, size, size, ctx, expires_at=None, loaded_with=loaded_with),
         now,
     )
+
+
+def health_report(live: LiveBackend) -> dict[str, Any]:
+    return {
+        "healthy": live.healthy,
+        "ejected_until": live.ejected_until or None,
+        "consecutive_failures": live.failures,
+        "health_error": live.last_error,
+        "ollama_version": live.version,
+    }
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("-", 1)[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)

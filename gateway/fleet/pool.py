@@ -28,9 +28,11 @@ from gateway.fleet.live import (
     ReplyFacts,
     _int,
     _routing_fields,
+    health_report,
     learn_from_reply,
     parse_timestamp,
     row_model_name,
+    version_key,
 )
 from gateway.fleet.work import Change, Listener, Work
 from gateway.record import BackendRecord
@@ -61,6 +63,7 @@ class BackendPool:
         # own count wherever the store has not caught up with it yet.
         self._in_flight: dict[str, dict[str, int]] = {}
         self._work: dict[str, dict[str, list[Work]]] = {}  # backend -> model -> this gateway's requests
+        self._stored: dict[tuple[str, str], int] = {}  # this gateway's requests the store counts
         self._listeners: list[Listener] = []
         # Backend seconds per wall second (a time-scaled simulator runs faster than the wall clock),
         # learned from replies: what turns a request's elapsed wall time into the backend's clock.
@@ -92,17 +95,6 @@ class BackendPool:
         live = self._backends.get(backend_id)
         return live is not None and live.healthy
 
-    def installed(self, backend_id: str) -> frozenset[str]:
-        live = self._backends.get(backend_id)
-        return live.installed if live is not None else frozenset()
-
-    def residency(self, backend_id: str) -> tuple[frozenset[str], frozenset[str]]:
-        """(installed, resident) model names there."""
-        live = self._backends.get(backend_id)
-        if live is None:
-            return frozenset(), frozenset()
-        return live.installed, frozenset(live.merged_resident())
-
     def tags(self, backend_id: str) -> list[dict[str, Any]]:
         """The backend's last /api/tags rows (copies)."""
         live = self._backends.get(backend_id)
@@ -111,15 +103,7 @@ class BackendPool:
     def health(self, backend_id: str) -> dict[str, Any]:
         """Health bookkeeping for status pages."""
         live = self._backends.get(backend_id)
-        if live is None:
-            return {}
-        return {
-            "healthy": live.healthy,
-            "ejected_until": live.ejected_until or None,
-            "consecutive_failures": live.failures,
-            "health_error": live.last_error,
-            "ollama_version": live.version,
-        }
+        return health_report(live) if live is not None else {}
 
     def has_facts(self, model: str) -> bool:
         return model in self._facts
@@ -325,17 +309,32 @@ class BackendPool:
             if interactive:
                 live.last_interactive[model] = now
 
+    def note_stored(self, backend_id: str, model: str, delta: int) -> None:
+        """The store counted (+1) or uncounted (-1) one of this gateway's requests."""
+        key = (backend_id, model)
+        value = self._stored.get(key, 0) + delta
+        if value > 0:
+            self._stored[key] = value
+        else:
+            self._stored.pop(key, None)
+
     def replace_in_flight(self, counts: Mapping[str, Mapping[str, int]]) -> None:
-        """Adopt the store's fleet-wide sums. A count of this gateway's own requests the store has
-        not caught up with yet (its increment still on the way) is kept: never fewer than ours."""
+        """Adopt the store's fleet-wide sums, with this gateway's own share replaced by its exact
+        local count: the store lags behind it (an increment or decrement still on the way), and a
+        request that ended here must free its slot at once, not at the next poll."""
         merged: dict[str, dict[str, int]] = {}
         for backend_id, per_model in counts.items():
-            if backend_id in self._backends and per_model:
-                merged[backend_id] = {m: n for m, n in per_model.items() if n > 0}
+            if backend_id not in self._backends:
+                continue
+            for model, n in per_model.items():
+                others = n - self._stored.get((backend_id, model), 0)
+                if others > 0:
+                    merged.setdefault(backend_id, {})[model] = others
         for backend_id, per_model_work in self._work.items():
             for model, items in per_model_work.items():
-                row = merged.setdefault(backend_id, {})
-                row[model] = max(row.get(model, 0), len(items))
+                if items:
+                    row = merged.setdefault(backend_id, {})
+                    row[model] = row.get(model, 0) + len(items)
         if merged != self._in_flight:
             self._in_flight = {b: m for b, m in merged.items() if m}
             self._changed(Change("fleet"))
@@ -439,12 +438,4 @@ class BackendPool:
         versions = [b.version for b in self._backends.values() if b.healthy and b.version]
         if not versions:
             return ""
-        return min(versions, key=_version_key)
-
-
-def _version_key(version: str) -> tuple[int, ...]:
-    parts = []
-    for piece in version.split("-", 1)[0].split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
+        return min(versions, key=version_key)
