@@ -148,6 +148,9 @@ async def _static_backends(app: web.Application) -> AsyncIterator[None]:
                 await publish()
             except Exception as e:  # keep trying; the records outlive a short store outage
                 log.warning("could not refresh static backend records: %s", e)
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():  # a cancellation the store swallowed
+                raise asyncio.CancelledError
 
     await publish()
     task = asyncio.create_task(heartbeat(), name="corral-static-backends")

@@ -110,9 +110,13 @@ def _decide(request: web.Request, route: RouteRequest, ticket: Ticket | None = N
     return decision
 
 
-async def _decide_or_wait(request: web.Request, route: RouteRequest, queue_first: bool = False) -> Send | Reject:
+async def _decide_or_wait(
+    request: web.Request, route: RouteRequest, queue_first: bool = False, deadline: float | None = None
+) -> Send | Reject:
     """Choose; on Wait, queue at the gateway until a choice is possible. Raises QueueRefused.
-    `queue_first`: wait for a change before choosing (another gateway just took the slot)."""
+    `queue_first`: wait for a change before choosing (another gateway just took the slot).
+    `deadline` (monotonic): the request's whole time in the queue ends there, however often it
+    re-entered it."""
     decision: Decision = Wait("all_busy") if queue_first else _decide(request, route)
     if not isinstance(decision, Wait):
         return decision
@@ -120,7 +124,8 @@ async def _decide_or_wait(request: web.Request, route: RouteRequest, queue_first
     settings = app[appkeys.SETTINGS]
     queues = app[appkeys.QUEUES]
     try:
-        async with queues.waiting(route.model, timeout_s=settings.queue_timeout_s, lane=route.priority) as ticket:
+        timeout_s = settings.queue_timeout_s if deadline is None else max(deadline - time.monotonic(), 0.0)
+        async with queues.waiting(route.model, timeout_s=timeout_s, lane=route.priority) as ticket:
             while isinstance(decision, Wait):
                 await ticket.wait()
                 decision = _decide(request, route, ticket)
@@ -151,9 +156,10 @@ async def _route(
     last_failure = ""
     retries_left = settings.retries
     slot_taken = False
+    queue_deadline = time.monotonic() + settings.queue_timeout_s
     while True:
         try:
-            decision = await _decide_or_wait(request, route, queue_first=slot_taken)
+            decision = await _decide_or_wait(request, route, queue_first=slot_taken, deadline=queue_deadline)
         except QueueRefused as e:
             metrics.queue_rejections.labels(_model_label(request, call.model), e.reason).inc()
             _count(request, call.model, "", 503)

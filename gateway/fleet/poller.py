@@ -102,6 +102,11 @@ class Poller:
                 await self.sync_records()
             except Exception as e:  # a store hiccup (Redis restart) must not stop the gateway
                 log.warning("state store read failed: %s", e)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # redis-py can swallow a cancellation that lands mid-command (or turn it into a
+                # ConnectionError); the gateway is stopping, and looping on would hang `stop()`.
+                raise asyncio.CancelledError
 
     def _start_tasks(self, backend_id: str) -> None:
         self._tasks[backend_id] = [

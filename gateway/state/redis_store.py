@@ -190,6 +190,9 @@ class RedisStore:
                     await self._refresh_slots(
                         keys=[key for _, key in held], args=[self._owner_ttl_ms, *(token for token, _ in held)]
                     )
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():  # redis-py may swallow a cancellation
+                raise asyncio.CancelledError
 
     async def incr_in_flight(self, backend_id: str, model: str) -> int:
         self._ensure_refresher()

@@ -64,7 +64,11 @@ async def test_ps_lists_a_model_once_with_every_copy_and_the_official_client_par
             rows = (await resp.json())["models"]
         async with http.get(a.url + "/api/ps") as resp:
             one = (await resp.json())["models"][0]
-        listed = await ollama.AsyncClient(host=gw.url).ps()
+        client = ollama.AsyncClient(host=gw.url)
+        try:
+            listed = await client.ps()
+        finally:
+            await client.close()
     assert [r["name"] for r in rows] == ["llama3.1:8b"]  # once, like Ollama
     row = rows[0]
     copies = {c["backend"]: c for c in row["corral_copies"]}
