@@ -34,6 +34,7 @@ from gateway.config import GatewaySettings, StaticBackend
 from gateway.fleet.inflight import InFlight
 from gateway.fleet.poller import Poller
 from gateway.fleet.pool import BackendPool
+from gateway.fleet.storewatch import StoreWatch
 from gateway.metrics import FleetCollector, Metrics, metrics_response
 from gateway.record import BackendKind, BackendRecord
 from gateway.routing.policy import make_policy
@@ -123,7 +124,7 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 async def _fleet_gauges(app: web.Application) -> AsyncIterator[None]:
-    collector = FleetCollector(app[appkeys.POOL].snapshot, app[appkeys.QUEUES].depths)
+    collector = FleetCollector(app[appkeys.POOL].snapshot, app[appkeys.QUEUES].depths, app[appkeys.STORE_WATCH])
     app[appkeys.METRICS].attach_fleet(collector)
     yield
     app[appkeys.METRICS].detach_fleet(collector)
@@ -184,7 +185,13 @@ async def _pool_and_poller(app: web.Application) -> AsyncIterator[None]:
     in_flight = InFlight(app[appkeys.STORE], pool, on_release=slot_freed)
     app[appkeys.IN_FLIGHT] = in_flight
     poller = Poller(
-        app[appkeys.SETTINGS], pool, app[appkeys.STORE], app[appkeys.SESSION], app[appkeys.METRICS], fleet_changed
+        app[appkeys.SETTINGS],
+        pool,
+        app[appkeys.STORE],
+        app[appkeys.SESSION],
+        app[appkeys.METRICS],
+        fleet_changed,
+        watch=app[appkeys.STORE_WATCH],
     )
     app[appkeys.POLLER] = poller
     await poller.start()
@@ -227,6 +234,7 @@ def create_app(
     app[appkeys.METRICS] = Metrics()
     app[appkeys.QUEUES] = queues
     app[appkeys.POOL] = BackendPool(settings, queue_depths=queues.depths)
+    app[appkeys.STORE_WATCH] = StoreWatch()
     app[appkeys.POLICY] = make_policy(settings.policy, max_wait_s=settings.max_wait_s)
     app[appkeys.TRACKER] = tracker
     app[appkeys.STARTED_AT] = time.time()

@@ -16,6 +16,7 @@ from gateway.config import GatewaySettings
 from gateway.fleet.inflight import InFlight
 from gateway.fleet.poller import Poller
 from gateway.fleet.pool import BackendPool
+from gateway.fleet.storewatch import StoreWatch
 from gateway.metrics import Metrics
 from gateway.routing.policy import Policy
 from gateway.state.memory import StateStore
@@ -25,6 +26,7 @@ STORE: web.AppKey[StateStore] = web.AppKey("corral_store")
 KEYS = web.AppKey("corral_keys", ApiKeys)
 METRICS = web.AppKey("corral_metrics", Metrics)
 POOL = web.AppKey("corral_pool", BackendPool)
+STORE_WATCH = web.AppKey("corral_store_watch", StoreWatch)  # store health + GPU inventory, for /metrics
 QUEUES = web.AppKey("corral_queues", WaitQueues)
 POLICY: web.AppKey[Policy] = web.AppKey("corral_policy")
 TRACKER = web.AppKey("corral_tracker", RequestTracker)

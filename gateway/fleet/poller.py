@@ -20,6 +20,7 @@ import aiohttp
 from gateway.config import GatewaySettings
 from gateway.fleet.modelfacts import facts_from_catalog, facts_from_show
 from gateway.fleet.pool import BackendPool, row_model_name
+from gateway.fleet.storewatch import StoreWatch
 from gateway.metrics import Metrics
 from gateway.state.memory import StateStore
 
@@ -41,8 +42,10 @@ class Poller:
         session: aiohttp.ClientSession,
         metrics: Metrics,
         on_change: Callable[[], None] = lambda: None,
+        watch: StoreWatch | None = None,
     ) -> None:
         self.settings = settings
+        self.watch = watch or StoreWatch()
         self.pool = pool
         self.store = store
         self.session = session
@@ -58,7 +61,12 @@ class Poller:
         )
 
     async def start(self) -> None:
-        await self.sync_records()
+        try:
+            await self.sync_records()
+        except Exception as e:
+            self.watch.failed(e)
+            raise
+        await self.read_inventory()
         await asyncio.gather(*(self._first_round(b) for b in list(self.pool.backends)))
         self._main = asyncio.create_task(self._follow_store(), name="corral-records")
 
@@ -103,7 +111,21 @@ class Poller:
             try:
                 await self.sync_records()
             except Exception as e:  # a store hiccup (Redis restart) must not stop the gateway
-                log.warning("state store read failed: %s", e)
+                if self.watch.up is not False:
+                    log.warning("state store read failed: %s", e)
+                self.watch.failed(e)
+                continue
+            await self.read_inventory()
+
+    async def read_inventory(self) -> None:
+        """The launchers' GPU rows, for /metrics; marks the store up or down by whether it answered."""
+        try:
+            gpus = await self.store.list_gpus()
+        except Exception as e:
+            self.watch.failed(e)
+            return
+        self.watch.set_inventory(gpus)
+        self.watch.answered()
 
     def _start_tasks(self, backend_id: str) -> None:
         self._tasks[backend_id] = [
