@@ -29,7 +29,7 @@ from gateway.api.cors import OriginPolicy, add_cors_headers, cors_middleware
 from gateway.api.dispatch import handle_model_call
 from gateway.api.errors import error_for, method_not_allowed_page, not_found_page
 from gateway.api.lifecycle import RequestTracker
-from gateway.api.status import status
+from gateway.api.status import ready, status
 from gateway.config import GatewaySettings, StaticBackend
 from gateway.fleet.inflight import InFlight
 from gateway.fleet.poller import Poller
@@ -114,6 +114,7 @@ def _routes(app: web.Application) -> None:
     r.add_post("/api/blobs/{digest}", fleet.blob_upload)
     r.add_get("/metrics", _metrics, allow_head=False)
     r.add_get("/api/corral/status", status, allow_head=False)
+    r.add_get("/api/corral/ready", ready)  # also HEAD
 
 
 async def _metrics(request: web.Request) -> web.Response:

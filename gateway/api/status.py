@@ -80,3 +80,16 @@ async def status(request: web.Request) -> web.Response:
         "backends": [backend_status(pool.backends[view.id], view) for view in sorted(pool.views(), key=lambda v: v.id)],
     }
     return web.json_response(body)
+
+
+async def ready(request: web.Request) -> web.Response:
+    """GET /api/corral/ready: 200 once at least one backend is healthy and ready, 503 before.
+
+    For load balancers and Kubernetes/Docker probes: open without a key (it reveals only a count),
+    and it never calls a backend, so a probe cannot load a model.
+    """
+    pool = request.app[appkeys.POOL]
+    count = sum(1 for live in pool.backends.values() if live.healthy and live.record.state == "ready")
+    if count:
+        return web.json_response({"status": "ready", "ready_backends": count})
+    return web.json_response({"error": "no backend is ready"}, status=503)
