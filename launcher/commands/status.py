@@ -49,7 +49,8 @@ def gateway_url(args: argparse.Namespace) -> str:
         host = "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{settings.listen_port}"
+    scheme = "https" if settings.tls else "http"
+    return f"{scheme}://{host}:{settings.listen_port}"
 
 
 class StatusError(Exception):

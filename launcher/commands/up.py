@@ -33,6 +33,7 @@ import aiohttp
 from gateway.api.auth import check_listen_allowed, load_keys
 from gateway.config import GatewaySettings
 from gateway.state.memory import StateStore, open_store
+from gateway.tls import server_ssl_context
 from launcher.commands.rig import Rig, model_specs, resolve_rig
 from launcher.config import CorralConfig, load_config
 from launcher.facts.catalog import normalize_name
@@ -330,6 +331,7 @@ def _gateway_refusal(cfg: CorralConfig, opts: UpOptions, plan: Plan) -> str:
     nothing is wrong): so a pull of many gigabytes is not wasted on a rig that cannot open its door.
     Raises ConfigError (exit 2) for an open non-loopback address without API keys."""
     check_listen_allowed(opts.listen_host, load_keys(cfg.gateway, os.environ))
+    server_ssl_context(cfg.gateway)  # an unreadable or mismatched certificate: ConfigError now
     where = f"{opts.listen_host}:{opts.listen_port}"
     taken_by = next((b.id for b in plan.backends if opts.listen_port and b.port == opts.listen_port), "")
     if taken_by:
@@ -394,6 +396,7 @@ async def _serve(
         print(f"corral up: the gateway cannot listen on {opts.listen_host}:{opts.listen_port}: {e}", file=sys.stderr)
         return 1
     try:
+        # OLLAMA_HOST takes host:port for plain HTTP; with TLS it needs the scheme (https://host:port).
         proxy_host = gateway.url.removeprefix("http://")
         for line in ready_lines(gateway.url, plan, proxy_host):
             out.line(line)
