@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from gateway.fleet.storewatch import StoreWatch
 from gateway.routing.snapshot import Snapshot
+from launcher.facts.catalog import normalize_name
 
 # Requests range from a 20 ms embedding to a many-minute generation behind a cold 70B load.
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -78,6 +79,20 @@ class FleetCollector(Collector):
         restarts = CounterMetricFamily(
             "corral_backend_restarts", "times the launcher restarted the backend's process", labels=["backend"]
         )
+        # Per model in any backend's store (or plan): how many healthy, ready backends could serve
+        # it now. 0 means requests for it wait or fail: the "no healthy backend" alert.
+        serving = GaugeMetricFamily(
+            "corral_model_healthy_backends",
+            "healthy, ready backends that have the model installed or planned",
+            labels=["model"],
+        )
+        per_model: dict[str, int] = {}
+        for b in snap.backends:
+            ready = b.healthy and b.record.state == "ready"
+            for model in b.installed | {normalize_name(m) for m in b.record.planned_models}:
+                per_model[model] = per_model.get(model, 0) + (1 if ready else 0)
+        for model, count in sorted(per_model.items()):
+            serving.add_metric([model], float(count))
         for b in snap.backends:
             up.add_metric([b.id], 1.0 if b.healthy and b.record.state == "ready" else 0.0)
             free.add_metric([b.id], float(b.free_vram_bytes))
@@ -89,7 +104,7 @@ class FleetCollector(Collector):
                 resident.add_metric([r.name, b.id, gpus], 1.0)
                 vram.add_metric([r.name, b.id, gpus], float(r.size_vram_bytes))
                 cpu_offload.add_metric([r.name, b.id], offload_ratio(r.size_bytes, r.size_vram_bytes))
-        yield from (up, in_flight, resident, vram, free, cpu_offload, restarts)
+        yield from (up, in_flight, resident, vram, free, cpu_offload, restarts, serving)
 
     def _store_metrics(self) -> Iterator[Metric]:
         watch = self._watch

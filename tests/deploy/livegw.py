@@ -1,0 +1,111 @@
+"""A real gateway over fake Ollama backends, driven through the requests a fleet sees, so /metrics
+shows the series dashboards and alerts use: requests, streams, embeddings, /v1, a cold load, a
+request in flight, a queue rejection, backend records with restarts and a GPU inventory."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway.api.auth import ApiKeys
+from gateway.record import BackendRecord
+from gateway.server import GatewayServer
+from gateway.state.memory import MemoryStore
+from tests.support.fakes import FakeOllama, fast_settings
+
+GIB = 1024**3
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+
+
+def promtool() -> str:
+    """The promtool binary; CI installs it (Debian package `prometheus`), elsewhere the test skips."""
+    found = shutil.which("promtool")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is required in CI (.ci/run installs the Debian package prometheus)")
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    return found
+
+
+async def exposition_under_traffic() -> str:
+    """/metrics of a gateway while a stream is in flight, after a mix of traffic."""
+    backend = await FakeOllama(
+        name="g0",
+        models={"llama3.1:8b": 5 * GIB, "nomic-embed-text": GIB // 4, "llama3.3:70b": 40 * GIB},
+        resident={"llama3.3:70b": 8192},
+        cpu_bytes={"llama3.3:70b": 8 * GIB},
+        load_duration_ns=2_000_000_000,  # above cold_load_threshold_s: every reply counts as a load
+        chunks=4,
+    ).start()
+    store = MemoryStore()
+    await store.put_backend(
+        BackendRecord(
+            id="g0",
+            url=backend.url,
+            host="gpu-host-1",
+            gpu_uuids=("GPU-0000",),
+            gpu_names=("RTX 4090",),
+            num_parallel=1,
+            vram_total_bytes=24 * GIB,
+            planned_models=("llama3.1:8b",),
+            restarts=1,
+        )
+    )
+    await store.put_gpus(
+        "gpu-host-1",
+        [
+            {"uuid": "GPU-0000", "name": "RTX 4090", "backend": "g0"}
+            | {"memory_total_bytes": 24 * GIB, "memory_used_bytes": 6 * GIB}
+        ],
+    )
+    # No waiting at a busy backend and no room in the gateway queue: a request finding no free slot
+    # is refused at once.
+    settings = fast_settings(queue_size=0, queue_timeout_s=1.0, max_wait_s=0.0)
+    try:
+        async with GatewayServer(settings, store, keys=ApiKeys()) as gw, aiohttp.ClientSession() as http:
+            url = gw.url
+            gen = {"model": "llama3.1:8b", "prompt": "hi", "stream": False}
+            for _ in range(2):
+                async with http.post(url + "/api/generate", json=gen) as resp:
+                    assert resp.status == 200, await resp.text()
+            chat = {"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}]}
+            async with http.post(url + "/api/chat", json=chat) as resp:
+                assert resp.status == 200
+                await resp.read()
+            async with http.post(url + "/api/embed", json={"model": "nomic-embed-text", "input": "hi"}) as resp:
+                assert resp.status == 200
+            v1 = {"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}]}
+            async with http.post(url + "/v1/chat/completions", json=v1) as resp:
+                assert resp.status == 200
+            async with http.get(url + "/api/tags") as resp:
+                assert resp.status == 200
+
+            # One stream held open on the only slot; the next request for the model finds no slot
+            # and, with no queue room, is refused with 503.
+            backend.hold = asyncio.Event()
+            backend.stream_started.clear()
+            held = asyncio.ensure_future(_read_all(http, url + "/api/chat", chat))
+            await asyncio.wait_for(backend.stream_started.wait(), 10)
+            async with http.post(url + "/api/generate", json=gen) as resp:
+                assert resp.status == 503, await resp.text()
+            async with http.get(url + "/metrics") as resp:
+                assert resp.status == 200
+                text = await resp.text()
+            backend.hold.set()
+            await asyncio.wait_for(held, 10)
+            return text
+    finally:
+        if backend.hold is not None:
+            backend.hold.set()
+        await backend.stop()
+
+
+async def _read_all(http: aiohttp.ClientSession, url: str, payload: dict[str, object]) -> bytes:
+    async with http.post(url, json=payload) as resp:
+        return await resp.read()
