@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.api.auth import ApiKeys
+from gateway.appkeys import POOL
 from gateway.record import BackendRecord
 from gateway.server import GatewayServer
 from gateway.state.memory import MemoryStore
-from tests.support.fakes import FakeOllama, fast_settings
+from tests.support.fakes import FakeOllama, fast_settings, wait_for
 
 GIB = 1024**3
 REPO = Path(__file__).resolve().parents[2]
@@ -70,19 +73,30 @@ async def exposition_under_traffic() -> str:
     try:
         async with GatewayServer(settings, store, keys=ApiKeys()) as gw, aiohttp.ClientSession() as http:
             url = gw.url
+            pool = gw.app[POOL]
+
+            async def settled() -> None:
+                # A finished request frees its slot a moment after its last byte: wait for it, or the
+                # next request finds the only slot taken and (with no queue room) gets a 503.
+                await wait_for(lambda: not any(sum(v.in_flight.values()) for v in pool.views()))
+
             gen = {"model": "llama3.1:8b", "prompt": "hi", "stream": False}
             for _ in range(2):
                 async with http.post(url + "/api/generate", json=gen) as resp:
                     assert resp.status == 200, await resp.text()
+                await settled()
             chat = {"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}]}
             async with http.post(url + "/api/chat", json=chat) as resp:
                 assert resp.status == 200
                 await resp.read()
+            await settled()
             async with http.post(url + "/api/embed", json={"model": "nomic-embed-text", "input": "hi"}) as resp:
                 assert resp.status == 200
+            await settled()
             v1 = {"model": "llama3.1:8b", "messages": [{"role": "user", "content": "hi"}]}
             async with http.post(url + "/v1/chat/completions", json=v1) as resp:
                 assert resp.status == 200
+            await settled()
             async with http.get(url + "/api/tags") as resp:
                 assert resp.status == 200
 
@@ -109,3 +123,22 @@ async def exposition_under_traffic() -> str:
 async def _read_all(http: aiohttp.ClientSession, url: str, payload: dict[str, object]) -> bytes:
     async with http.post(url, json=payload) as resp:
         return await resp.read()
+
+
+def exported_names(text: str) -> set[str]:
+    """Every name a PromQL query can select from this exposition: sample names, plus the names a
+    family declares (a counter `x` is queried as `x_total`, a histogram as `x_bucket` ...)."""
+    names = set()
+    for family in text_string_to_metric_families(text):
+        names.update(s.name for s in family.samples)
+        if family.type == "counter":
+            names.add(family.name + "_total")
+        elif family.type == "histogram":
+            names.update(family.name + suffix for suffix in ("_bucket", "_sum", "_count"))
+        else:
+            names.add(family.name)
+    return names
+
+
+def queried_metrics(expr: str) -> set[str]:
+    return set(re.findall(r"\bcorral_[a-z0-9_]+", expr))

@@ -4,31 +4,9 @@ use exists on a live gateway."""
 from __future__ import annotations
 
 import asyncio
-import re
 import subprocess
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from tests.deploy.livegw import DEPLOY, exposition_under_traffic, promtool
-
-
-def exported_names(text: str) -> set[str]:
-    """Every name a PromQL query can select from this exposition: sample names, plus the names a
-    family declares (a counter `x` is queried as `x_total`, a histogram as `x_bucket` ...)."""
-    names = set()
-    for family in text_string_to_metric_families(text):
-        names.update(s.name for s in family.samples)
-        if family.type == "counter":
-            names.add(family.name + "_total")
-        elif family.type == "histogram":
-            names.update(family.name + suffix for suffix in ("_bucket", "_sum", "_count"))
-        else:
-            names.add(family.name)
-    return names
-
-
-def queried_metrics(expr: str) -> set[str]:
-    return set(re.findall(r"\bcorral_[a-z0-9_]+", expr))
+from tests.deploy.livegw import DEPLOY, exported_names, exposition_under_traffic, promtool, queried_metrics
 
 
 def test_metrics_under_traffic_pass_promtool_check_metrics() -> None:
