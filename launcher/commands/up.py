@@ -293,6 +293,8 @@ async def _up_until_stopped(cfg: CorralConfig, opts: UpOptions, out: ProgressPri
             host_name=host_name,
             store_id=f"{host_name}:{models_dir}",
             record_ttl_s=ttl_s,
+            # A shared store holds several hosts' backends: "<host>/g0", so ids cannot collide.
+            record_prefix=f"{host_name}/" if ttl_s is not None else "",
             on_restart_ready=reload_after_restart if opts.preload else None,
         ) as sup:
             out.line(f"starting {len(launches)} backend(s): {' '.join(rig.ollama_bin)}")
@@ -306,7 +308,7 @@ async def _up_until_stopped(cfg: CorralConfig, opts: UpOptions, out: ProgressPri
                 store,
                 host_name,
                 rig.gpus,
-                backend_of={uuid: b.id for b in the_plan.backends for uuid in b.gpu_uuids},
+                backend_of={uuid: sup.record_prefix + b.id for b in the_plan.backends for uuid in b.gpu_uuids},
                 refresh=_refresh_for(sim, session, [launch.url for launch in launches], rig),
                 ttl_s=ttl_s,
             )
