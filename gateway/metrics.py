@@ -119,11 +119,11 @@ class FleetCollector(Collector):
             "corral_gpu_memory_used_bytes", "GPU memory in use, as the launcher last read it", labels=labels
         )
         total = GaugeMetricFamily("corral_gpu_memory_total_bytes", "GPU memory of the card", labels=labels)
-        for host, rows in sorted(watch.gpus.items()):
-            for row in rows:
-                key = [str(row.get("uuid", "")), str(row.get("name", "")), host, str(row.get("backend", ""))]
-                used.add_metric(key, _number(row.get("memory_used_bytes")))
-                total.add_metric(key, _number(row.get("memory_total_bytes")))
+        for host, published in sorted(watch.gpus.items()):
+            for card in published:
+                key = [card.gpu.uuid, card.gpu.name, host, card.backend]
+                used.add_metric(key, float(card.gpu.memory_used_bytes))
+                total.add_metric(key, float(card.gpu.memory_total_bytes))
         yield from (used, total)
 
 
@@ -132,9 +132,6 @@ def offload_ratio(size_bytes: int, size_vram_bytes: int) -> float:
         return 0.0
     return min(max((size_bytes - size_vram_bytes) / size_bytes, 0.0), 1.0)
 
-
-def _number(value: object) -> float:
-    return float(value) if isinstance(value, int | float) else 0.0
 
 
 class Metrics:

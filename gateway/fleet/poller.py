@@ -22,12 +22,16 @@ from gateway.fleet.modelfacts import facts_from_catalog, facts_from_show
 from gateway.fleet.pool import BackendPool, row_model_name
 from gateway.fleet.storewatch import StoreWatch
 from gateway.metrics import Metrics
-from gateway.state.memory import StateStore
+from gateway.state.store import StateStore
+from launcher.models.show import needs_verbose
 
 log = logging.getLogger(__name__)
 
 # A model whose /api/show failed is asked again after this long.
 FACTS_RETRY_S = 60.0
+# stop(): cancel, wait this long, cancel again what still runs; this many times at most.
+STOP_ROUND_S = 1.0
+STOP_ROUNDS = 10
 
 
 class Poller:
@@ -74,11 +78,21 @@ class Poller:
         tasks = [t for ts in self._tasks.values() for t in ts] + list(self._background)
         if self._main is not None:
             tasks.append(self._main)
+        # A cancellation can be swallowed inside a store client (redis-py, mid-reconnect) and the
+        # loop then runs on: cancel again until every task has ended, a bounded number of times.
+        pending = set(tasks)
+        for _ in range(STOP_ROUNDS):
+            if not pending:
+                break
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=STOP_ROUND_S)
+        if pending:
+            log.warning("poller: %d tasks did not stop", len(pending))
         for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            if task.done() and not task.cancelled():
+                with contextlib.suppress(Exception):
+                    task.result()  # retrieved, so asyncio does not log it as never retrieved
         self._tasks.clear()
         self._main = None
 
@@ -111,6 +125,7 @@ class Poller:
             try:
                 await self.sync_records()
             except Exception as e:  # a store hiccup (Redis restart) must not stop the gateway
+                _reraise_if_cancelled(e)
                 if self.watch.up is not False:
                     log.warning("state store read failed: %s", e)
                 self.watch.failed(e)
@@ -122,6 +137,7 @@ class Poller:
         try:
             gpus = await self.store.list_gpus()
         except Exception as e:
+            _reraise_if_cancelled(e)
             self.watch.failed(e)
             return
         self.watch.set_inventory(gpus)
@@ -243,6 +259,8 @@ class Poller:
             if live is None:
                 return
             show = await self._get_json(live.record.url + "/api/show", {"model": wire_name})
+            if isinstance(show, dict) and needs_verbose(show):  # per-layer arrays: verbose only
+                show = await self._get_json(live.record.url + "/api/show", {"model": wire_name, "verbose": True})
             facts = facts_from_show(name, show, size) if isinstance(show, dict) else None
             if facts is None:
                 self._facts_failed_at[name] = time.time()
@@ -253,6 +271,15 @@ class Poller:
             self._facts_failed_at[name] = time.time()
         finally:
             self._facts_pending.discard(name)
+
+
+def _reraise_if_cancelled(error: Exception) -> None:
+    """Raise CancelledError when this task is being cancelled. redis-py can turn a cancellation
+    that lands mid-command into a ConnectionError; a loop that shrugs off store errors would then
+    run on after `stop()` cancelled it, and the gateway would never finish shutting down."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from error
 
 
 def _models(body: Any) -> list[dict[str, Any]]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+
+from launcher.facts.gpuinfo import PublishedGpu
 
 
 @dataclass
@@ -19,7 +20,7 @@ class StoreWatch:
     up: bool | None = None
     last_error: str = ""
     changed_at: float = 0.0
-    gpus: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # host -> inventory rows
+    gpus: dict[str, list[PublishedGpu]] = field(default_factory=dict)  # host -> its published cards
 
     def answered(self) -> None:
         if self.up is not True:
@@ -33,5 +34,5 @@ class StoreWatch:
         self.up = False
         self.last_error = str(error) or type(error).__name__
 
-    def set_inventory(self, gpus: dict[str, list[dict[str, Any]]]) -> None:
-        self.gpus = {host: [dict(row) for row in rows] for host, rows in gpus.items()}
+    def set_inventory(self, gpus: dict[str, list[PublishedGpu]]) -> None:
+        self.gpus = {host: list(rows) for host, rows in gpus.items()}

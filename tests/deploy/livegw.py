@@ -19,6 +19,8 @@ from gateway.appkeys import POOL
 from gateway.record import BackendRecord
 from gateway.server import GatewayServer
 from gateway.state.memory import MemoryStore
+from launcher.facts.cards import find_card
+from launcher.facts.gpuinfo import GpuInfo, PublishedGpu
 from tests.support.fakes import FakeOllama, fast_settings, wait_for
 
 GIB = 1024**3
@@ -60,13 +62,10 @@ async def exposition_under_traffic() -> str:
             restarts=1,
         )
     )
-    await store.put_gpus(
-        "gpu-host-1",
-        [
-            {"uuid": "GPU-0000", "name": "RTX 4090", "backend": "g0"}
-            | {"memory_total_bytes": 24 * GIB, "memory_used_bytes": 6 * GIB}
-        ],
-    )
+    card = find_card("RTX 4090")
+    assert card is not None
+    gpu = GpuInfo(0, "GPU-0000", "RTX 4090", 24 * GIB, 18 * GIB, 6 * GIB, card)
+    await store.put_gpus("gpu-host-1", [PublishedGpu(gpu, "g0")])
     # No waiting at a busy backend and no room in the gateway queue: a request finding no free slot
     # is refused at once.
     settings = fast_settings(queue_size=0, queue_timeout_s=1.0, max_wait_s=0.0)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -14,6 +14,8 @@ from gateway.record import BackendRecord
 from gateway.server import GatewayServer
 from gateway.state.memory import MemoryStore
 from gateway.state.redis_store import RedisStore
+from launcher.facts.cards import find_card
+from launcher.facts.gpuinfo import GpuInfo, PublishedGpu
 from tests.support.fakes import MakeFake, fast_settings
 from tests.support.redisproc import RedisProcess
 
@@ -78,9 +80,10 @@ async def test_restarts_offload_and_gpu_memory_come_from_records_ps_and_the_inve
             id="a", url=a.url, host="gpu-host-1", gpu_uuids=("GPU-aaaa",), gpu_names=("RTX 4090",), restarts=3
         )
     )
-    row = {"uuid": "GPU-aaaa", "name": "RTX 4090", "backend": "a"}
-    rows: list[dict[str, Any]] = [{**row, "memory_total_bytes": 24 * GIB, "memory_used_bytes": 20 * GIB}]
-    await store.put_gpus("gpu-host-1", rows)
+    card = find_card("RTX 4090")
+    assert card is not None
+    gpu = GpuInfo(0, "GPU-aaaa", "RTX 4090", 24 * GIB, 4 * GIB, 20 * GIB, card)
+    await store.put_gpus("gpu-host-1", [PublishedGpu(gpu, "a")])
     async with GatewayServer(fast_settings(), store, keys=ApiKeys()) as gw:
         text = await scrape(http, gw)
         for _ in range(100):
@@ -97,8 +100,8 @@ async def test_restarts_offload_and_gpu_memory_come_from_records_ps_and_the_inve
         assert samples(text, "corral_state_store_up") == {(): 1.0}
 
         # The launcher publishes new memory numbers: the next polls carry them to /metrics.
-        rows[0]["memory_used_bytes"] = 22 * GIB
-        await store.put_gpus("gpu-host-1", rows)
+        fuller = replace(gpu, memory_used_bytes=22 * GIB, memory_free_bytes=2 * GIB)
+        await store.put_gpus("gpu-host-1", [PublishedGpu(fuller, "a")])
         for _ in range(100):
             if samples(await scrape(http, gw), "corral_gpu_memory_used_bytes") == {key: float(22 * GIB)}:
                 break
