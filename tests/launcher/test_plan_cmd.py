@@ -56,15 +56,21 @@ def test_the_example_config_prints_the_rig_the_cards_and_the_reasons(tmp_path: P
     header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["CARD"])
     card_rows = {line.split()[0]: line for line in lines[header + 1 : lines.index("", header)]}
     assert list(card_rows) == ["g0", "g1", "g2", "g3"]
-    assert "/ 24.0 GiB  g0" in card_rows["g0"] and "11500" in card_rows["g0"]
+    # PLANNED / FREE: free is what stays free after the plan, so the two add up to the card's 24 GiB.
+    planned, free = (float(x) for x in card_rows["g0"].split()[3:6:2])
+    assert planned + free == pytest.approx(24.0, abs=0.11) and "11500" in card_rows["g0"]
     assert "g2+g3 (split)  11502  llama3.3:70b" in card_rows["g2"]
     assert "g2+g3 (split)  11502  llama3.3:70b" in card_rows["g3"]
     assert any("llama3.1:8b" in line and "hot model: a card of its own (RTX 4090" in line for line in lines)
     assert any("llama3.3:70b" in line and "split over 2 cards: no single card holds it" in line for line in lines)
     why_not = lines[lines.index("why not elsewhere:") + 1 :]
     assert any(
-        "llama3.1:8b" in line and "g2 (RTX 3090):" in line and "no room for llama3.3:70b" in line for line in why_not
+        "llama3.1:8b" in line and "g2 (RTX 3090):" in line and "no room for qwen2.5:7b" in line for line in why_not
     )
+    # The split shows the layers llama.cpp gives each card (81 = 80 layers + the output layer).
+    split = next(line for line in lines if "llama3.3:70b" in line and "GiB (" in line)
+    left, right = split.split("GiB (")[1].split(" layers")[0].split("+")
+    assert int(left) + int(right) == 81
     assert "summary:" in lines
     assert proc.stderr == ""
 
