@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     rig = resolve_rig(cfg)
-    the_plan = plan(rig.gpus, model_specs(cfg), cfg.launcher)
+    the_plan = plan(rig.gpus, model_specs(cfg), cfg.launcher, rig.era)
     try:
         if args.json:
             json.dump({"rig": rig_to_json(rig), "plan": plan_to_json(the_plan)}, sys.stdout, indent=2)
@@ -51,7 +51,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def rig_to_json(rig: Rig) -> dict[str, Any]:
-    return {"mode": rig.mode, "message": rig.message, "ollama_bin": rig.ollama_bin, "gpus": inventory_to_json(rig.gpus)}
+    return {
+        "mode": rig.mode,
+        "message": rig.message,
+        "ollama_bin": rig.ollama_bin,
+        "memory_model": {"era": str(rig.era), "note": rig.era_note, "warning": rig.era_warning},
+        "gpus": inventory_to_json(rig.gpus),
+    }
 
 
 def plan_to_json(the_plan: Plan) -> dict[str, Any]:
@@ -133,7 +139,11 @@ def _model_rows(the_plan: Plan) -> list[list[str]]:
 
 
 def print_plan(the_plan: Plan, rig: Rig, out: TextIO, *, usable: Mapping[str, int] | None = None) -> None:
-    out.write(f"rig: {rig.message}\n\n")
+    out.write(f"rig: {rig.message}\n")
+    out.write(f"memory model: {rig.era_note}\n")
+    if rig.era_warning:
+        out.write(f"warning: {rig.era_warning}\n")
+    out.write("\n")
     _table(_card_rows(the_plan, rig.gpus, usable or {}), out)
     if any(b.models for b in the_plan.backends):
         out.write("\n")

@@ -230,3 +230,70 @@ def test_the_card_table_names_mig_instances_as_their_backends_do() -> None:
     rows = [line.split() for line in lines[header + 1 : lines.index("", header)]]
     # CARD (tag, name), PLANNED / FREE, BACKEND, PORT, MODELS
     assert [(row[0], row[-3]) for row in rows] == [("g0.0", "g0.0"), ("g0.1", "g0.1")]
+
+
+# -- the Ollama version decides the memory model -------------------------------------------------
+
+
+def _fake_ollama(tmp_path: Path, script: str) -> Path:
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir(exist_ok=True)
+    exe = bin_dir / "ollama"
+    exe.write_text("#!/bin/sh\n" + script)
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    return bin_dir
+
+
+def _plan_on_real_rig(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], script: str, models: str
+) -> str:
+    from launcher.commands import plan as plan_cmd
+    from launcher.gpus import discovery as gpus
+    from tests.support.fakenvml import FakeNvml, load_fixture
+
+    fake = FakeNvml(load_fixture("2x-rtx-4090"))
+    monkeypatch.setattr(gpus, "load_nvml", lambda: fake)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("PATH", str(_fake_ollama(tmp_path, script)))
+    config = _config(tmp_path, models)
+    code = plan_cmd.run(plan_cmd.argparse.Namespace(config=str(config), json=False))
+    out = capsys.readouterr().out
+    assert code == 0, out
+    return out
+
+
+SEED_70B = "[[models]]\nname = 'llama3.3:70b'\nnum_ctx = 8192\n"
+
+
+def test_a_real_rig_plans_with_the_memory_model_of_its_ollama_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = _plan_on_real_rig(tmp_path, monkeypatch, capsys, "echo 'ollama version is 0.12.10'\n", SEED_70B)
+    assert "memory model: Ollama 0.12.10: Ollama <= 0.29 (GraphSize estimate" in out
+    out = _plan_on_real_rig(tmp_path, monkeypatch, capsys, "echo 'ollama version is 0.33.0'\n", SEED_70B)
+    assert "memory model: Ollama 0.33.0: Ollama >= 0.30 (llm.PredictServerVRAM + llama-server --fit)" in out
+    assert "warning:" not in out.split("\n\n")[0]
+
+
+def test_an_unreadable_version_plans_with_heads_model_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = _plan_on_real_rig(tmp_path, monkeypatch, capsys, "echo 'segfault' >&2; exit 3\n", SEED_70B)
+    head = out.split("\n\n")[0]
+    assert "memory model: unknown Ollama version: Ollama >= 0.30" in head
+    assert "--version` failed (no version in its output: 'segfault'); planning with HEAD's memory model" in head
+
+
+def test_the_seeds_70b_on_a_real_2x_rtx_4090_is_split_over_both_cards_at_the_seeds_rate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # shared/seeds/001: 22.6 tokens/s with the 70B split over both 4090s. No num_parallel on the
+    # model, so the launcher's 4 slots are stepped down until it fits on the GPUs.
+    out = _plan_on_real_rig(tmp_path, monkeypatch, capsys, "echo 'ollama version is 0.33.0'\n", SEED_70B)
+    row = next(line for line in out.splitlines() if "llama3.3:70b" in line and "GiB (" in line)
+    cells = row.split()
+    assert cells[0] == "g0+g1" and "(split)" not in cells
+    tps = float(cells[cells.index("layers)") + 1])
+    assert tps == pytest.approx(22.6, rel=0.15)
+    assert "num_parallel" in row and "stepped down from 4" in row
+    assert "CPU" not in out.split("summary:")[0].split("why not elsewhere:")[0]
