@@ -182,7 +182,7 @@ def offload_warning(
         return f"{req.name} runs on the CPU alone (~{tps:.1f} tokens/s): no free card holds even one of its layers"
     if need_bytes:
         have = sum(b.usable_bytes for b in budgets.values())
-        why = f"it needs {gib(need_bytes)} of GPU memory, the rig has {gib(have)}"
+        why = f"it needs {gib(need_bytes)} of GPU memory, the rig has {gib(have)} (short by {gib(need_bytes - have)})"
     else:
         why = "the cards that could hold it are taken by the models before it"
     return (

@@ -121,8 +121,10 @@ def test_a_model_larger_than_the_rig_runs_partly_on_the_cpu_with_a_warning() -> 
     (model,) = backend.models
     assert 0 < model.num_gpu < 127  # layers on GPU, out of 126 + the output layer
     assert model.num_ctx == 4096  # the smallest tier keeps the most layers on the cards
-    assert any(w.startswith("llama3.1:405b runs partly on the CPU") and "GiB" in w for w in p.warnings)
+    (warning,) = [w for w in p.warnings if w.startswith("llama3.1:405b runs partly on the CPU")]
+    assert "short by" in warning and f"~{model.expected_tokens_per_s:.1f} tokens/s" in warning
     assert model.expected_tokens_per_s < 2
+    assert backend.num_parallel == 1  # the fewest slots keep the most layers on the cards
 
 
 def test_a_model_larger_than_the_rig_is_an_error_when_offload_is_off() -> None:
@@ -398,3 +400,55 @@ def test_the_same_model_twice_is_planned_once() -> None:
     p = _plan(_rig("RTX 4090"), ModelEntry("llama3.1"), ModelEntry("llama3.1:latest"))
     assert [b.model_names for b in p.backends] == [("llama3.1:latest",)]
     assert p.warnings == ("llama3.1:latest: the same model as llama3.1; ignored",)
+
+
+# -- shared/seeds/001 and 002 with the launcher's defaults (no num_parallel on the model) ----------
+
+
+@pytest.mark.parametrize(
+    ("rig", "measured"),
+    [(("RTX 4090", "RTX 4090"), 22.6), (("RTX 3090", "RTX 3090"), 17.1), (("RTX 4090", "RTX 3090"), 18.3)],
+    ids=lambda v: "+".join(v) if isinstance(v, tuple) else str(v),
+)
+def test_the_seeds_70b_is_split_over_the_gpus_with_slots_stepped_down(rig: tuple[str, ...], measured: float) -> None:
+    cards = _rig(*rig)
+    p = _plan(cards, ModelEntry("llama3.3:70b", num_ctx=8192))
+    assert p.ok and not p.warnings
+    (backend,) = p.backends
+    assert backend.kind is BackendKind.SPLIT and backend.gpu_indices == (0, 1)
+    assert backend.num_parallel < 4
+    (model,) = backend.models
+    assert model.num_gpu == -1 and model.num_ctx == 8192
+    assert f"num_parallel {backend.num_parallel}, stepped down from 4" in model.reason
+    assert "does not fit (needs" in model.reason  # the step-down says what 4 slots would have needed
+    assert model.expected_tokens_per_s == pytest.approx(measured, rel=0.15)
+    assert sum(model.card_layers) == 81
+    _assert_within_free(p, cards)
+
+
+def test_a_clean_split_gives_each_card_layers_in_proportion_to_its_free_memory() -> None:
+    cards = _rig("RTX 4090", "RTX 3090")
+    p = _plan(cards, ModelEntry("llama3.3:70b", num_ctx=8192, num_parallel=1))
+    (backend,) = p.backends
+    assert backend.gpu_names == ("RTX 4090", "RTX 3090")  # strongest first in CUDA_VISIBLE_DEVICES
+    (model,) = backend.models
+    strong, weak = model.card_layers
+    assert abs(strong - weak) <= 2  # equal free memory: about equal shares, as llama.cpp splits
+
+
+def test_the_70b_stays_on_the_gpus_and_the_8b_beside_it_is_told_where_it_goes() -> None:
+    cards = _rig("RTX 4090", "RTX 4090")
+    p = _plan(cards, ModelEntry("llama3.3:70b", num_ctx=8192), ModelEntry("llama3.1:8b"))
+    (split,) = [b for b in p.backends if b.kind is BackendKind.SPLIT]
+    assert split.model_names == ("llama3.3:70b",)
+    (cpu,) = _holding(p, "llama3.1:8b")
+    assert cpu.kind is BackendKind.CPU
+    assert any(w.startswith("llama3.1:8b runs on the CPU alone") for w in p.warnings)
+    # The split backend has no room for it beside the 70B: the plan says how much it would need.
+    assert "left beside llama3.3:70b" in _rejections(p, "llama3.1:8b")["g0+g1"]
+    no_offload = _plan(
+        cards, ModelEntry("llama3.3:70b", num_ctx=8192), ModelEntry("llama3.1:8b"), allow_cpu_offload=False
+    )
+    assert _holding(no_offload, "llama3.3:70b")[0].kind is BackendKind.SPLIT
+    (error,) = no_offload.errors
+    assert error.startswith("llama3.1:8b: no room left")
