@@ -96,6 +96,12 @@ def predict_server_vram(spec: ModelSpec, num_ctx: int, num_parallel: int) -> int
     return spec.file_size_bytes + predicted_kv_bytes(spec, server_context(spec, num_ctx, num_parallel))
 
 
+def predicted_for_load(spec: ModelSpec, num_ctx: int, num_parallel: int, num_batch: int) -> int:
+    """sched.go predictedForLoad: PredictServerVRAM plus the batch surcharge (a completion model's)."""
+    predicted = predict_server_vram(spec, num_ctx, num_parallel)
+    return predicted + (0 if spec.embedding_only else generation_batch_surcharge(num_batch))
+
+
 def generation_batch_for_context(total_ctx: int) -> int:
     if total_ctx > 32768:
         return BATCH_LARGE

@@ -207,15 +207,6 @@ def load_options(
     )
 
 
-def ollama_predicted_bytes(c: Copy, opts: LoadOptions) -> int:
-    """What Ollama itself predicts before a load, the figure its 80 % rule compares: at HEAD
-    llm.PredictServerVRAM (file + f16 KV cache) plus the batch surcharge of a completion model."""
-    spec = c.request.spec
-    predicted = memory.predict_server_vram(spec, opts.num_ctx, opts.num_parallel)
-    surcharge = 0 if spec.embedding_only else memory.generation_batch_surcharge(opts.num_batch)
-    return predicted + surcharge
-
-
 @dataclass(frozen=True)
 class FittedCopy:
     copy: Copy

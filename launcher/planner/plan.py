@@ -19,14 +19,12 @@ Assumptions, each one a decision `corral plan` shows:
   the same after an out-of-memory load), so the supervisor must pass the planned `num_ctx`.
   Every copy of a model gets the same context, so the gateway can send any request to any copy
   without forcing a reload.
-- Slots: the model's own num_parallel, else [launcher].num_parallel halved down to 1 (4 -> 2 -> 1)
-  until it fits: fewer slots on GPUs beat more slots partly on the CPU. The outer loop is the
-  slots, the inner one the context tiers, so an automatic context steps down before the slots do.
-- Memory: the memory model of the backend's Ollama era (launcher.facts.memory; HEAD by default:
-  weights + KV at num_ctx x num_parallel + a compute buffer per card, plus the 1 GiB llama-server
-  --fit keeps free) against free memory minus the reserve (`planner_fit.card_budgets`). What Ollama
-  adds on top is its admission rule: with other models loaded it loads a new one only if its
-  prediction (PredictServerVRAM + batch surcharge) is at most 80 % of the memory they leave. A model planned beside
+- Slots: the model's own num_parallel, else [launcher].num_parallel halved down to 1 until it fits
+  (fewer slots on GPUs beat more partly on the CPU); an automatic context steps down first.
+- Memory: the backend's Ollama era (launcher.facts.memory; HEAD: weights + KV + a compute buffer
+  per card, with the 1 GiB --fit keeps free) against free memory minus the reserve. On top, Ollama's
+  admission rule: beside other models a new one loads only if its prediction (PredictServerVRAM +
+  batch surcharge) is at most 80 % of the memory they leave. A model planned beside
   others must pass that rule beside all of them (keep-alive expiry reloads them in any order),
   or the backend would keep evicting what we planned.
 - One backend per card: a card in a split group is never also given to a single-card backend.
@@ -102,8 +100,7 @@ def plan(
     return _Planner(gpus, models, settings, era).run()
 
 
-# (num_parallel, num_ctx): what a copy is tried with.
-Setting = tuple[int, int]
+Setting = tuple[int, int]  # (num_parallel, num_ctx): what a copy is tried with
 
 
 class _Planner:
@@ -180,8 +177,7 @@ class _Planner:
     def _min_ctx(self, req: ModelRequest) -> int:
         return self._choices(req, (), None)[-1][1]
 
-    def _least(self, req: ModelRequest) -> Copy:
-        """The copy that needs the least: smallest context, fewest slots it may get."""
+    def _least(self, req: ModelRequest) -> Copy:  # the smallest context and fewest slots it may get
         par, ctx = self._choices(req, (), None)[-1]
         return Copy(req, ctx, num_parallel=par)
 
