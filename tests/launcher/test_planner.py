@@ -452,3 +452,23 @@ def test_the_70b_stays_on_the_gpus_and_the_8b_beside_it_is_told_where_it_goes() 
     assert _holding(no_offload, "llama3.3:70b")[0].kind is BackendKind.SPLIT
     (error,) = no_offload.errors
     assert error.startswith("llama3.1:8b: no room left")
+
+
+def test_a_split_takes_the_strong_card_and_lists_it_first() -> None:
+    # shared/seeds/002: the faster card should lead. Of 3090, 4090, 3090 the split takes the 4090 and
+    # one 3090 (the best predicted rate), 4090 first in CUDA_VISIBLE_DEVICES.
+    cards = _rig("RTX 3090", "RTX 4090", "RTX 3090")
+    p = _plan(cards, ModelEntry("llama3.3:70b", num_ctx=8192))
+    (backend,) = p.backends
+    assert backend.gpu_indices[0] == 1 and len(backend.gpu_indices) == 2
+    assert backend.gpu_names == ("RTX 4090", "RTX 3090")
+    two_3090s = _plan(_rig("RTX 3090", "RTX 3090"), ModelEntry("llama3.3:70b", num_ctx=8192))
+    assert backend.models[0].expected_tokens_per_s > two_3090s.backends[0].models[0].expected_tokens_per_s
+
+
+def test_a_model_that_fits_the_strong_card_makes_a_clean_break_there() -> None:
+    # shared/seeds/002: a 5090 + 3090 pair runs "as slow as the 3090" when the model is split; a model
+    # that fits the 5090 alone goes there whole.
+    p = _plan(_rig("RTX 3090", "RTX 5090"), ModelEntry("qwen2.5:32b", num_ctx=8192))
+    (backend,) = p.backends
+    assert backend.kind is BackendKind.SINGLE and backend.gpu_names == ("RTX 5090",)
