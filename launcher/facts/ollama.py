@@ -97,6 +97,12 @@ def is_zero_keep_alive(value: object) -> bool:
         return False
 
 
+def host_port(host: str, port: int) -> str:
+    """"host:port" as OLLAMA_HOST and URLs want it: an IPv6 address goes in brackets
+    (envconfig.Host() would read "::1:11500" as a host without a port)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def env_var(environ: Mapping[str, str], key: str) -> str:
     """envconfig.Var: the value trimmed of surrounding spaces, then of surrounding quotes."""
     return environ.get(key, "").strip().strip("\"'")

@@ -1,7 +1,7 @@
 """The planner's filters for one backend: do these models fit these cards, and will Ollama keep them loaded?
 
 `evaluate(budgets, copies, settings)` places every model of a (candidate) backend on its cards with
-`launcher.perf.split_layers`, in priority order, each one seeing the memory the ones before it left
+`launcher.facts.perf.split_layers`, in priority order, each one seeing the memory the ones before it left
 (llama.cpp splits a model by the free memory of each device at load time), and then applies Ollama's
 own admission rule. It returns the placements, or the first reason it fails, worded for `corral plan`.
 

@@ -3,7 +3,7 @@
 `plan(gpus, models, settings) -> Plan` is a filter -> score -> pick pipeline run once per model copy:
 candidate slots (a card of its own, a card shared with other models, a group of cards for a split,
 partial CPU offload) are ranked by the scorers below, each is checked by the filters in
-`launcher.planner_fit` (memory at the planned context, Ollama's 80 % admission rule,
+`launcher.planner.fit` (memory at the planned context, Ollama's 80 % admission rule,
 OLLAMA_MAX_LOADED_MODELS) and by a look-ahead (would it leave the models after it with no room?),
 and the first that passes wins. Every candidate turned down before the pick becomes a `Rejection`.
 

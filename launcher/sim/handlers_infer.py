@@ -14,8 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
+from launcher.facts.names import ModelName
 from launcher.facts.ollama import api_keep_alive_s as keep_alive_seconds
-from launcher.models.store import ModelName
 from launcher.sim import textgen
 from launcher.sim.gojson import (
     CHAT_REQUEST,
