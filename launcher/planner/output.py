@@ -179,7 +179,10 @@ def offload_warning(
     placement = fitted_copy(ev, req).placement
     tps = tokens_per_second(req.spec, placement, kv_cache_type=settings.kv_cache_type)
     if not slot.gpus:
-        return f"{req.name} runs on the CPU alone (~{tps:.1f} tokens/s): no free card holds even one of its layers"
+        why = "no free card holds even one of its layers"
+        if budgets:
+            why = "no card has room for any of its layers beside the models placed before it (see the rejections)"
+        return f"{req.name} is not served on a GPU: it runs on the CPU alone (~{tps:.1f} tokens/s); {why}"
     if need_bytes:
         have = sum(b.usable_bytes for b in budgets.values())
         why = f"it needs {gib(need_bytes)} of GPU memory, the rig has {gib(have)} (short by {gib(need_bytes - have)})"

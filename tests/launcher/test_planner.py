@@ -253,7 +253,7 @@ def test_ollamas_80_percent_rule_keeps_a_small_model_off_a_nearly_full_card() ->
     assert [b.id for b in _holding(p, "qwen2.5:32b")] == ["g0"]
     assert [b.id for b in _holding(p, "nomic-embed-text:latest")] == ["cpu"]
     assert "over 80 % of the" in _rejections(p, "nomic-embed-text:latest")["g0 (RTX 4090)"]
-    assert any("nomic-embed-text:latest runs on the CPU alone" in w for w in p.warnings)
+    assert any("nomic-embed-text:latest is not served on a GPU: it runs on the CPU alone" in w for w in p.warnings)
     # The look-ahead keeps later models in mind, but priority wins over sending qwen to the CPU.
     assert (
         "by priority: nomic-embed-text:latest then finds no room on a GPU"
@@ -443,7 +443,8 @@ def test_the_70b_stays_on_the_gpus_and_the_8b_beside_it_is_told_where_it_goes() 
     assert split.model_names == ("llama3.3:70b",)
     (cpu,) = _holding(p, "llama3.1:8b")
     assert cpu.kind is BackendKind.CPU
-    assert any(w.startswith("llama3.1:8b runs on the CPU alone") for w in p.warnings)
+    (warning,) = [w for w in p.warnings if w.startswith("llama3.1:8b is not served on a GPU")]
+    assert "runs on the CPU alone (~" in warning and "beside the models placed before it" in warning
     # The split backend has no room for it beside the 70B: the plan says how much it would need.
     assert "left beside llama3.3:70b" in _rejections(p, "llama3.1:8b")["g0+g1"]
     no_offload = _plan(
