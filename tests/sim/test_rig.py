@@ -329,3 +329,25 @@ def test_an_asked_context_that_runs_out_of_memory_is_not_retried_at_a_lower_one(
         assert e.value.status_code == 500 and is_out_of_memory(e.value.error)
         assert "retrying once" not in sim.log()
         assert _ps(sim) == {}
+
+
+def test_what_the_planner_plans_for_the_seeds_70b_loads_fully_on_the_cards(tmp_path: Path, shared_store: Path) -> None:
+    # The planner puts llama3.3:70b at 8192 x 2 on 2x RTX 4090 (a split, OLLAMA_SCHED_SPREAD=1); the
+    # simulated Ollama, with the same memory model, loads it there with nothing on the CPU.
+    from launcher.config import LauncherSettings, ModelEntry, SimGpu
+    from launcher.facts.catalog import find_model
+    from launcher.gpus.discovery import simulated_inventory
+    from launcher.planner.plan import ModelRequest, plan
+
+    spec = find_model("llama3.3:70b")
+    assert spec is not None
+    cards = simulated_inventory([SimGpu(name="RTX 4090"), SimGpu(name="RTX 4090")])
+    request = ModelRequest(ModelEntry("llama3.3:70b", num_ctx=8192), spec)
+    (backend,) = plan(cards, [request], LauncherSettings()).backends
+    env = {"OLLAMA_NUM_PARALLEL": str(backend.num_parallel), "OLLAMA_SCHED_SPREAD": "1"}
+    with SimServer.start(tmp_path, gpus=["RTX 4090", "RTX 4090"], models_dir=shared_store, env=env) as sim:
+        with ollama.Client(host=sim.url) as client:
+            client.generate(model="llama3.3:70b", prompt="", options={"num_ctx": 8192})
+        entry = _ps(sim)["llama3.3:70b"]
+    assert entry["size_vram"] == entry["size"]
+    assert abs(entry["size_vram"] - backend.models[0].vram_bytes) < 0.5 * 1024**3
