@@ -169,7 +169,7 @@ CATALOG: tuple[ModelSpec, ...] = (
     _m("gemma2:27b", "gemma2", 27.2, "Q4_0", 15.63, 46, 4608, 32, 16, 8192, 256000, key_length=128, value_length=128),
     # gemma3 4b-27b: vision in the model file; sliding_window 1024 (google/gemma-3-{4b,12b,27b}-it config.json).
     _m("gemma3:4b", "gemma3", 4.3, "Q4_K_M", 3.34, 34, 2560, 8, 4, 131072, 262208, key_length=256, value_length=256,
-       sliding_window=1024, capabilities=("vision",)),  # fmt: skip
+       sliding_window=1024, capabilities=("vision",)),
     _m(
         "gemma3:12b",
         "gemma3",

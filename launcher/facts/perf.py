@@ -121,8 +121,8 @@ def kv_cache_bytes(spec: ModelSpec, opts: LoadOptions, layers: int | None = None
     per_layer = context * (spec.head_dim_k + spec.head_dim_v) * spec.head_count_kv
     n_layers = spec.block_count if layers is None else layers
     # Sliding-window layers cache only their window (gemma2/3, gpt-oss), as Ollama's GraphSize does.
-    n_layers = n_layers * spec.kv_layers(opts.effective_ctx(spec)) / max(spec.block_count, 1)
-    return int(per_layer * KV_BYTES_PER_ELEMENT[opts.kv_cache_type] * n_layers)
+    windowed = n_layers * spec.kv_layers(opts.effective_ctx(spec)) / max(spec.block_count, 1)
+    return int(per_layer * KV_BYTES_PER_ELEMENT[opts.kv_cache_type] * windowed)
 
 
 def graph_bytes(spec: ModelSpec, opts: LoadOptions) -> int:

@@ -87,7 +87,17 @@ class InstalledModel:
             add("tools")
         if ".Suffix" in self.template:
             add("insert")
+        # thinking.InferTags: a .Thinking between two text tags (ours are <think> ... </think>).
+        if ".Thinking" in self.template and "<think>" in self.template and "</think>" in self.template:
+            add("thinking")
+        if self.config.get("model_family") in ("gptoss", "gpt-oss"):  # modelFamilyCapabilities
+            add("thinking")
         return tuple(caps)
+
+    @property
+    def harmony(self) -> bool:
+        """gpt-oss: Ollama parses its output with the harmony parser (shouldUseHarmony)."""
+        return self.spec.family == "gptoss" or self.config.get("model_family") in ("gptoss", "gpt-oss")
 
     @property
     def supports_context_shift(self) -> bool:
