@@ -27,6 +27,7 @@ from launcher.models.store import (
     Manifest,
     ModelStore,
 )
+from launcher.sim import showinfo
 
 DEFAULT_TEMPLATE = "{{ .Prompt }}"  # Ollama's template.DefaultTemplate
 # Architectures Ollama runs with one parallel slot whatever OLLAMA_NUM_PARALLEL says (sched.go load).
@@ -100,6 +101,15 @@ class InstalledModel:
         return self.spec.family == "gptoss" or self.config.get("model_family") in ("gptoss", "gpt-oss")
 
     @property
+    def stand_in(self) -> bool:
+        """The model blob is the simulated registry's metadata-only file (or no GGUF at all)."""
+        return "tokenizer.ggml.model" not in self.gguf and "tokenizer.ggml.tokens" not in self.gguf
+
+    def tensors(self) -> list[dict[str, Any]]:
+        """/api/show `tensors`: synthesised for a stand-in; a real file's infos are not read (yet)."""
+        return showinfo.tensors(self.spec) if self.stand_in else []
+
+    @property
     def supports_context_shift(self) -> bool:
         """sched.go supportsContextShift: every family but deepseek2."""
         families = self.config.get("model_families")
@@ -132,7 +142,12 @@ class InstalledModel:
         header with maxArraySize 0, so it keeps no array values and marshals them as null. A verbose
         show passes the header read with every array (`read_full_metadata`).
         """
-        source = full_metadata or self.gguf or gguf_metadata_for_spec(self.spec)
+        source = dict(full_metadata or self.gguf or gguf_metadata_for_spec(self.spec))
+        if self.stand_in:
+            # A real file of this model states these too (showinfo.py); the stand-in blob does not.
+            source |= {k: v for k, v in showinfo.extra_model_info(self.spec).items() if k not in source}
+            arrays = showinfo.tokenizer_arrays(self.spec)
+            source |= arrays if full_metadata is not None else {key: [0] for key in arrays}  # [0]: shown as null
         info: dict[str, Any] = {}
         for key, value in source.items():
             if key in ("general.name", "tokenizer.chat_template"):
