@@ -82,6 +82,7 @@ def spec_from_show(name: str, show: Mapping[str, Any], size_bytes: int) -> Model
         expert_count=_int(info, f"{arch}.expert_count"),
         expert_used_count=_int(info, f"{arch}.expert_used_count"),
         embedding_only="embedding" in capabilities and "completion" not in capabilities,
+        sliding_window=_int(info, f"{arch}.attention.sliding_window"),
     )
 
 
