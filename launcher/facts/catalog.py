@@ -11,7 +11,7 @@ from __future__ import annotations
 from launcher.facts.catalog_today import TODAY
 from launcher.facts.modelspec import GB, MB, ModelSpec, _m
 
-__all__ = ["CATALOG", "GB", "MB", "ModelSpec", "catalog_names", "find_model", "normalize_name"]
+__all__ = ["CATALOG", "GB", "MB", "ModelSpec", "find_model", "normalize_name"]
 
 
 CATALOG: tuple[ModelSpec, ...] = (
