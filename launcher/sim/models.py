@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from launcher.facts.catalog import ModelSpec, find_model
-from launcher.models.gguf import GGUFArray, GGUFError, gguf_metadata_for_spec, read_gguf_metadata, spec_from_gguf
+from launcher.models.gguf import (
+    GGUFArray,
+    GGUFError,
+    gguf_metadata_for_spec,
+    read_gguf,
+    read_gguf_metadata,
+    spec_from_gguf,
+)
 from launcher.models.store import (
     MEDIA_TYPE_LICENSE,
     MEDIA_TYPE_MESSAGES,
@@ -105,9 +112,15 @@ class InstalledModel:
         """The model blob is the simulated registry's metadata-only file (or no GGUF at all)."""
         return "tokenizer.ggml.model" not in self.gguf and "tokenizer.ggml.tokens" not in self.gguf
 
-    def tensors(self) -> list[dict[str, Any]]:
-        """/api/show `tensors`: synthesised for a stand-in; a real file's infos are not read (yet)."""
-        return showinfo.tensors(self.spec) if self.stand_in else []
+    def tensors(self, store: ModelStore) -> list[dict[str, Any]]:
+        """/api/show `tensors`: the file's tensor infos; synthesised when it has none (the stand-in)."""
+        if self.gguf:
+            try:
+                if infos := read_gguf(store.blob_path(self.key)).tensor_infos:
+                    return showinfo.file_tensors(infos)
+            except (GGUFError, OSError, InvalidDigest):
+                return []
+        return showinfo.tensors(self.spec)
 
     @property
     def supports_context_shift(self) -> bool:

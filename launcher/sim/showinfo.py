@@ -31,6 +31,19 @@ _ROPE_BASE = {"llama": 500000.0, "qwen2": 1000000.0, "qwen3": 1000000.0, "qwen3m
               "mllama": 500000.0, "deepseek2": 10000.0}  # fmt: skip
 
 
+# ggml_type numbers (ggml.h) as Ollama's TensorType.String() names them, for a real file's tensors.
+GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K",
+              11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
+              18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8",
+              25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0",
+              39: "MXFP4"}  # fmt: skip
+
+
+def file_tensors(infos: tuple[tuple[str, int, tuple[int, ...]], ...]) -> list[dict[str, Any]]:
+    """A real file's tensor infos as /api/show lists them."""
+    return [_t(name, GGML_TYPES.get(kind, "unknown"), *shape) for name, kind, shape in infos]
+
+
 def feed_forward_length(spec: ModelSpec) -> int:
     """The per-expert (or dense) feed-forward width the parameter count implies, to 256."""
     e, layers = spec.embedding_length, max(spec.block_count, 1)

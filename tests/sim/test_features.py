@@ -7,12 +7,16 @@ structured outputs, logprobs, thinking, tools on qwen3, fill-in-middle, images, 
 from __future__ import annotations
 
 import base64
+import hashlib
 import http.client
 import json
 import math
 from collections.abc import Iterator
 from enum import StrEnum
+from pathlib import Path
 
+import gguf
+import numpy
 import ollama
 import openai
 import pytest
@@ -279,3 +283,26 @@ def test_every_new_catalog_entry_pulls_by_its_bare_name(tmp_path_factory: pytest
         listed = {m.model for m in c.list().models}
         assert {f"{name}:latest" for name in bare} <= listed
         assert "thinking" in c.show("gpt-oss").capabilities and "tools" in c.show("qwen3").capabilities
+
+
+def test_show_lists_a_real_files_own_tensors(sim: SimServer, client: ollama.Client, tmp_path: Path) -> None:
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (("block_count", 1), ("context_length", 256), ("embedding_length", 8)):
+        writer.add_uint32(f"llama.{key}", value)
+    writer.add_uint32("llama.attention.head_count", 2)
+    writer.add_tensor("token_embd.weight", numpy.zeros((16, 8), dtype=numpy.float32))  # numpy order: [vocab, embd]
+    writer.add_tensor("blk.0.attn_norm.weight", numpy.zeros(8, dtype=numpy.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    data = path.read_bytes()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    assert sim.request("POST", f"/api/blobs/{digest}", data)[0] == 201
+    assert client.create("tiny", files={"model.gguf": digest}).status == "success"
+    tensors = sim.json("POST", "/api/show", {"model": "tiny"})["tensors"]
+    assert tensors == [
+        {"name": "token_embd.weight", "type": "F32", "shape": [8, 16]},  # GGUF order: [embd, vocab]
+        {"name": "blk.0.attn_norm.weight", "type": "F16", "shape": [8]},
+    ]
