@@ -196,7 +196,7 @@ def num_predict_for(call: CompletionCall) -> int:
 
 
 def decide(
-    service: SimService, call: CompletionCall, num_predict: int
+    service: SimService, call: CompletionCall, num_predict: int, salt: int = 0
 ) -> tuple[list[str], str, list[dict[str, Any]]]:
     """(tokens, done_reason, tool_calls) for a call: what the model will say. Raises SchemaError."""
     opts = call.options
@@ -214,7 +214,7 @@ def decide(
         num_predict=num_predict,
         stop=opts.stop,
         json_format=call.json_format,
-        salt=service.next_salt() if seed is None and opts.temperature > 0 else 0,
+        salt=salt,
         length_range=(service.settings.rig.answer_tokens_min, service.settings.rig.answer_tokens_max),
     )
     return list(completion.tokens), completion.done_reason, []
@@ -236,23 +236,26 @@ async def completion_chunks(
             yield StreamError(call.runner_error[1], call.runner_error[0])
             return
         seed = call.options.seed if call.options.seed >= 0 else None
+        # Unseeded sampling above temperature 0 varies the whole answer (thinking, text, logprobs).
+        salt = service.next_salt() if seed is None and call.options.temperature > 0 else 0
+        varied = f"{seed}|{salt}"
         thought: list[str] = []
         if call.think_level:
-            thought = thinking.tokens(call.model.key, call.prompt_key, seed, call.think_level)
+            thought = thinking.tokens(call.model.key, call.prompt_key, varied, call.think_level)
         budget = num_predict_for(call)
         cut_thinking = 0 <= budget < len(thought)
         if cut_thinking:
             thought = thought[:budget]
         try:
             rest = max(budget - len(thought), 0) if budget >= 0 else -1
-            tokens, reason, tool_calls = ([], "length", []) if cut_thinking else decide(service, call, rest)
+            tokens, reason, tool_calls = ([], "length", []) if cut_thinking else decide(service, call, rest, salt)
         except SchemaError as e:
             yield StreamError(str(e), 400)
             return
         gen = Generation(prompt_tokens=call.prompt_tokens, done_reason=reason)
         visible = [] if tool_calls else tokens
         every = thought + tokens
-        entries = logprobs.for_tokens(f"{call.model.key}|{call.prompt_key}|{seed}", every, call.top_logprobs)
+        entries = logprobs.for_tokens(f"{call.model.key}|{call.prompt_key}|{varied}", every, call.top_logprobs)
         position = 0
         async for token in run_tokens(service, lease, gen, every):
             index, position = position, position + 1

@@ -42,7 +42,7 @@ def level(model: InstalledModel, think: Any) -> str | None:
     return None
 
 
-def tokens(model_key: str, prompt_key: str, seed: int | None, think_level: str) -> list[str]:
+def tokens(model_key: str, prompt_key: str, seed: object, think_level: str) -> list[str]:
     """The thinking text's tokens: deterministic for (model, prompt, seed, level)."""
     rng = random.Random(f"think|{model_key}|{prompt_key}|{seed}|{think_level}")
     low, high = _LENGTHS.get(think_level, _LENGTHS["medium"])

@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 from launcher.facts.catalog_today import TODAY
 from launcher.sim.harness import SimServer, install_models
 
+SEEDED = {"seed": 11}  # unseeded sampling varies the answer, thinking included, as a real model's does
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16).decode()
 
 
@@ -168,9 +169,10 @@ def test_thinking_models_think_unless_told_not_to(client: ollama.Client) -> None
     messages = [{"role": "user", "content": "why?"}]
     for model in ("qwen3:0.6b", "deepseek-r1:1.5b"):
         assert "thinking" in client.show(model).capabilities
-        unset = client.chat(model=model, messages=messages)
+        unset = client.chat(model=model, messages=messages, options=SEEDED)
         assert unset.message.thinking and unset.message.content
-        assert client.chat(model=model, messages=messages, think=True).message.thinking == unset.message.thinking
+        same = client.chat(model=model, messages=messages, think=True, options=SEEDED)
+        assert same.message.thinking == unset.message.thinking  # unset means true
         off = client.chat(model=model, messages=messages, think=False)
         assert not off.message.thinking and off.message.content
         generated = client.generate(model=model, prompt="why?")
@@ -188,7 +190,7 @@ def test_gpt_oss_levels_and_non_thinking_models(client: ollama.Client) -> None:
     messages = [{"role": "user", "content": "why?"}]
     lengths = {}
     for level in ("low", "medium", "high", "max"):
-        reply = client.chat(model="gpt-oss:20b", messages=messages, think=level)
+        reply = client.chat(model="gpt-oss:20b", messages=messages, think=level, options=SEEDED)
         lengths[level] = len(reply.message.thinking.split())
     assert lengths["low"] < lengths["medium"] < lengths["high"] == lengths["max"]  # harmony maps max to high
     assert client.chat(model="gpt-oss:20b", messages=messages, think=False).message.thinking  # cannot be turned off
