@@ -53,7 +53,7 @@ class CostSettings:
     eviction_weight: float = 1.0
     # Each sequence already decoding on a copy makes every token of a newcomer about this much
     # slower (batched decode shares the weight read but not the KV reads or the compute):
-    # launcher.perf has 16 concurrent streams of an 8B on an RTX 4090 at 0.67x a lone stream's rate.
+    # launcher.facts.perf has 16 concurrent streams of an 8B on an RTX 4090 at 0.67x a lone stream's rate.
     batch_slowdown_per_sequence: float = 0.03
 
 

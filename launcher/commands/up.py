@@ -8,7 +8,7 @@ after stop_timeout_s) -> exit 0.
 
 Exit status: 0 after a signal-initiated shutdown (also during startup), 1 when the plan has errors,
 a backend cannot start, the gateway cannot listen, the shared state store does not answer, or (with
---strict) a model cannot be preloaded; 2 for a config error (one line, from launcher.cli). What can
+--strict) a model cannot be preloaded; 2 for a config error (one line, from launcher.commands.cli). What can
 be checked before anything starts is checked first (the gateway's address, the store). Progress
 goes to stdout; logs to stderr.
 """

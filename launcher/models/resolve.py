@@ -2,12 +2,12 @@
 
 1. "store": the Ollama store (OLLAMA_MODELS). The manifest's model layer gives the file size (its
    declared `size`, which is also right for the simulated store's metadata-only blobs) and the blob's
-   GGUF header gives the architecture (launcher.gguf).
+   GGUF header gives the architecture (launcher.models.gguf).
 2. "api-show": a running backend's `/api/show` (model_info holds the GGUF key/values, tensors their
    shapes) plus `/api/tags` for the size. Ollama leaves arrays out of a non-verbose show (they come
    back null), so the vocabulary is read from the token-embedding tensor's shape, and per-layer head
    counts trigger one verbose request.
-3. "catalog": launcher.catalog's built-in table.
+3. "catalog": launcher.facts.catalog's built-in table.
 
 A source that cannot answer is skipped, and why is kept; a model no source knows raises `ModelUnknown`
 naming the model and everything tried.

@@ -3,7 +3,7 @@
 `Supervisor` runs one `BackendProcess` (launcher/backend_process.py: the state machine) per planned
 backend, starts them in parallel, health-gated, and publishes each backend's `BackendRecord` into
 the state store on every state change, so the gateway routes around a backend that is down and
-takes it back when it is ready again. It also runs the orphan guard (launcher/orphan_guard.py), so
+takes it back when it is ready again. It also runs the orphan guard (launcher/supervise/orphan_guard.py), so
 that not even a SIGKILL of the launcher leaves a backend or one of its runners behind.
 
     async with Supervisor(launches, timing, store=store, host_name=hostname) as sup:
@@ -70,7 +70,7 @@ def record_state(state: State) -> BackendState:
 
 
 class OrphanGuard:
-    """Client side of launcher/orphan_guard.py: tells the guard process which groups to clear."""
+    """Client side of launcher/supervise/orphan_guard.py: tells the guard process which groups to clear."""
 
     def __init__(self, grace_s: float) -> None:
         self.grace_s = grace_s

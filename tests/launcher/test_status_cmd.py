@@ -1,6 +1,6 @@
 """`corral status`: the table and --json from a gateway's status document, and the one-line errors.
 
-The status of a real running rig is checked end to end in tests/test_up.py; here a small aiohttp
+The status of a real running rig is checked end to end in tests/launcher/test_up.py; here a small aiohttp
 server stands in for the gateway so every answer (401, 404, nothing listening) can be produced."""
 
 from __future__ import annotations

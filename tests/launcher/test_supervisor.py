@@ -1,4 +1,4 @@
-"""Supervision with real child processes (tests/misbehave.py): start, health gate, crash and
+"""Supervision with real child processes (tests/support/misbehave.py): start, health gate, crash and
 restart with backoff, stop with SIGTERM then SIGKILL, no orphans even when the launcher is killed,
 and the environment each backend receives."""
 
