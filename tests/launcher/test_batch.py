@@ -194,7 +194,7 @@ def test_a_backend_sigkilled_at_30_percent_loses_no_item(rig: Rig, tmp_path: Pat
     proc = start_batch(inp, out, "--url", rig.url)
     wait_lines(out, 90, proc)
     os.kill(backends[0], signal.SIGKILL)
-    stdout, stderr = proc.communicate(timeout=WAIT_S)
+    _, stderr = proc.communicate(timeout=WAIT_S)
     assert proc.returncode == 0, stderr
     one_ok_per_id(out, [f"q{i}" for i in range(300)])
     assert len(results(out)) == 300
