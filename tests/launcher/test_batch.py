@@ -19,19 +19,12 @@ import pytest
 
 from launcher.sim.harness import SimServer, install_models
 from tests.launcher.test_supervisor import children_now
+from tests.launcher.test_up import free_port_range
 
 REPO = Path(__file__).resolve().parents[2]
 CHAT_MODEL = "llama3.2:1b"
 EMBED_MODEL = "nomic-embed-text"
 WAIT_S = 90.0  # generous bounds for a slow, shared machine; tests wait on conditions, not times
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -56,7 +49,8 @@ class Rig:
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     tmp = tmp_path_factory.mktemp("batch-rig")
     install_models(tmp / "models", CHAT_MODEL, EMBED_MODEL)  # no downloads: the store is already full
-    port, base_port = free_port(), free_port()
+    base_port = free_port_range(3)
+    port = base_port + 2  # the gateway just above the two backends
     config = tmp / "config.toml"
     config.write_text(
         f"""
