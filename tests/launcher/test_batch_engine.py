@@ -3,6 +3,8 @@ receives, duplicate ids, and the journal's torn-line rule."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,7 +15,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from launcher.batch import BatchOptions, DuplicateIdError, ItemResult, run_batch
+from launcher.batch.aimd import Aimd
 from launcher.batch.journal import JournalError, open_journal, scan
+from launcher.batch.progress import show_progress
+from launcher.batch.stats import BatchStats
 
 
 class Scripted:
@@ -30,6 +35,9 @@ class Scripted:
         steps = self.script.get(body["messages"][0]["content"], [])
         if steps:
             status, error, retry_after = steps.pop(0)
+            if status == 0:  # no answer for this long: a hung attempt
+                await asyncio.sleep(float(error))
+                return web.json_response({"error": "too late"}, status=500)
             headers = {"Retry-After": retry_after} if retry_after else {}
             return web.json_response({"error": error}, status=status, headers=headers)
         reply = {"model": body["model"], "message": {"role": "assistant", "content": "ok"}, "done": True}
@@ -109,3 +117,48 @@ def test_a_torn_or_garbled_last_line_is_cut_and_earlier_lines_kept(tmp_path: Pat
     journal.close()
     assert resumed.torn_bytes == len('{"id": 9')
     assert out.read_text() == "".join(whole) + '{"id":9,"ok":true}\n'
+
+
+async def test_timeout_s_bounds_one_attempt_and_the_next_attempt_is_answered(scripted: tuple[Scripted, str]) -> None:
+    fake, url = scripted
+    fake.script["hangs-once"] = [(0, "5", None)]
+    options = BatchOptions(url=url, model="m", concurrency=1, timeout_s=0.3, backoff_base_s=0.01)
+    got = await collect([item("a", "hangs-once")], options)
+    assert got["a"].ok and got["a"].attempts == 2 and got["a"].seconds < 5
+
+
+def test_aimd_halves_once_per_congestion_event_and_climbs_back_to_the_fleets_slots() -> None:
+    limit = Aimd(limit=2.0, ceiling=64)
+    limit.set_target(16)
+    assert limit.current == 16
+    limit.on_overload()
+    limit.on_overload()  # the same full queue seen by another request in flight: no second halving
+    assert limit.current == 8
+    for _ in range(200):
+        limit.on_success()
+    assert limit.current == 16  # additive increase, capped at the fleet's slots
+    limit.set_target(4)  # cards went away
+    assert limit.current == 4
+    fixed = Aimd.fixed_at(4)
+    fixed.on_overload()
+    fixed.set_target(100)
+    assert fixed.current == 4
+
+
+async def test_progress_on_a_terminal_is_a_live_bar_and_elsewhere_a_line_every_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from launcher.batch import progress
+
+    stats = BatchStats(total=10)
+    stats.add(ItemResult("a", '"a"', True, output_tokens=7, seconds=0.1))
+    stats.note_request("g1")
+    tty = io.StringIO()
+    async with show_progress(stats, tty, tty=True):
+        await asyncio.sleep(0.05)
+    assert "1/10" in tty.getvalue() and "g1=1" in tty.getvalue() and "\x1b[" in tty.getvalue()
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.01)
+    log = io.StringIO()
+    async with show_progress(stats, log, tty=False):
+        await asyncio.sleep(0.2)  # many intervals: at least one line, whatever the machine's load
+    assert log.getvalue().startswith("batch: 1/10 done, 0 failed,") and "\x1b[" not in log.getvalue()
