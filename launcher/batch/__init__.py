@@ -103,7 +103,7 @@ class BatchOptions:
     timeout_s: float = 600.0  # one attempt
     api_key: str = ""
     start_concurrency: int = 2
-    max_concurrency: int = 256
+    max_concurrency: int = 64  # the most AIMD climbs to against a server without the capacity route
     backoff_base_s: float = 0.25
     backoff_cap_s: float = 10.0
     capacity_refresh_s: float = 2.0
