@@ -38,7 +38,7 @@ from gateway.fleet.pool import BackendPool
 from gateway.metrics import FleetCollector, Metrics, metrics_response
 from gateway.record import BackendKind, BackendRecord
 from gateway.routing.policy import make_policy
-from gateway.state.memory import StateStore
+from gateway.state.store import StateStore
 
 log = logging.getLogger(__name__)
 
