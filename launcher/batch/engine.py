@@ -19,7 +19,10 @@ from typing import Any
 
 import aiohttp
 
-from launcher.batch import (
+from launcher.batch.aimd import Aimd
+from launcher.batch.items import InputError, parse_item
+from launcher.batch.stats import BatchStats
+from launcher.batch.types import (
     BACKEND_HEADER,
     PRIORITY_HEADER,
     BatchItem,
@@ -28,9 +31,6 @@ from launcher.batch import (
     Endpoint,
     ItemResult,
 )
-from launcher.batch.aimd import Aimd
-from launcher.batch.items import InputError, parse_item
-from launcher.batch.stats import BatchStats
 from launcher.facts.faults import is_backend_fault
 
 CAPACITY_PATH = "/api/corral/capacity"

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from launcher.batch import BatchItem, DuplicateIdError, Endpoint
+from launcher.batch.types import BatchItem, DuplicateIdError, Endpoint
 
 # Fields that say which endpoint a body is for, most specific first. OpenAI chat bodies also carry
 # `messages`, so openai-chat is inferred only from fields Ollama's chat does not have.

@@ -6,7 +6,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from launcher.batch import ItemResult
+from launcher.batch.types import ItemResult
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:

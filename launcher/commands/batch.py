@@ -23,11 +23,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from launcher.batch import BatchItem, BatchOptions, DuplicateIdError, Endpoint, ItemResult, run_batch
+from launcher.batch.engine import run_batch
 from launcher.batch.items import InputError, check_unique, read_lines
 from launcher.batch.journal import JournalError, open_journal
 from launcher.batch.progress import show_progress
 from launcher.batch.stats import BatchStats
+from launcher.batch.types import BatchItem, BatchOptions, DuplicateIdError, Endpoint, ItemResult
 
 DEFAULT_URL = "http://127.0.0.1:11434"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130

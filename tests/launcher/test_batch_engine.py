@@ -14,11 +14,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from launcher.batch import BatchOptions, DuplicateIdError, ItemResult, run_batch
 from launcher.batch.aimd import Aimd
+from launcher.batch.engine import run_batch
 from launcher.batch.journal import JournalError, open_journal, scan
 from launcher.batch.progress import show_progress
 from launcher.batch.stats import BatchStats
+from launcher.batch.types import BatchOptions, DuplicateIdError, ItemResult
 
 
 class Scripted:
