@@ -25,6 +25,7 @@ from gateway import appkeys
 from gateway.api import fleetwide as fleet
 from gateway.api.admission import WaitQueues
 from gateway.api.auth import ApiKeys, auth_middleware, load_keys
+from gateway.api.capacity import capacity
 from gateway.api.cors import OriginPolicy, add_cors_headers, cors_middleware
 from gateway.api.dispatch import handle_model_call
 from gateway.api.errors import error_for, method_not_allowed_page, not_found_page
@@ -113,6 +114,7 @@ def _routes(app: web.Application) -> None:
     r.add_post("/api/blobs/{digest}", fleet.blob_upload)
     r.add_get("/metrics", _metrics, allow_head=False)
     r.add_get("/api/corral/status", status, allow_head=False)
+    r.add_get("/api/corral/capacity", capacity, allow_head=False)
 
 
 async def _metrics(request: web.Request) -> web.Response:

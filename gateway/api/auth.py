@@ -36,6 +36,8 @@ ADMIN_PATHS: frozenset[str] = frozenset(
     {"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "/metrics"}
 )
 ADMIN_PREFIXES: tuple[str, ...] = ("/api/blobs/", "/api/corral/")
+# Under the admin prefix but for every client key: what a batch client needs to size itself.
+CLIENT_PATHS: frozenset[str] = frozenset({"/api/corral/capacity"})
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,8 @@ def bearer_token(request: web.Request) -> str:
 
 
 def needs_admin(path: str) -> bool:
+    if path in CLIENT_PATHS:
+        return False
     return path in ADMIN_PATHS or path.startswith(ADMIN_PREFIXES)
 
 
