@@ -19,8 +19,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from gateway.api.status_doc import BackendDoc, StatusDoc
 from launcher.config import load_config
 
 DEFAULT_URL = "http://127.0.0.1:11434"
@@ -56,7 +57,7 @@ class StatusError(Exception):
     """The one line to print when the status cannot be fetched."""
 
 
-def fetch_status(url: str, api_key: str | None, timeout_s: float = TIMEOUT_S) -> dict[str, Any]:
+def fetch_status(url: str, api_key: str | None, timeout_s: float = TIMEOUT_S) -> StatusDoc:
     try:
         request = urllib.request.Request(url + STATUS_PATH, headers={"Accept": "application/json"})
     except ValueError as e:
@@ -90,7 +91,8 @@ def fetch_status(url: str, api_key: str | None, timeout_s: float = TIMEOUT_S) ->
         raise StatusError(f"{url}{STATUS_PATH} did not answer JSON: is it a corral gateway?") from None
     if not isinstance(body, dict):
         raise StatusError(f"{url}{STATUS_PATH} answered an unexpected document")
-    return body
+    # Trusted as the gateway's StatusDoc; readers still use .get(): an older gateway may lack keys.
+    return cast(StatusDoc, body)
 
 
 def _error_text(e: urllib.error.HTTPError) -> str:
@@ -131,7 +133,7 @@ def _counts(per_model: Any) -> str:
     return f"{total} ({', '.join(f'{m} {n}' for m, n in sorted(per_model.items()))})"
 
 
-def _resident_rows(backend: dict[str, Any], now: float) -> list[list[str]]:
+def _resident_rows(backend: BackendDoc, now: float) -> list[list[str]]:
     rows = []
     for model in backend.get("resident") or []:
         expires = model.get("expires_at")
@@ -151,7 +153,7 @@ def _resident_rows(backend: dict[str, Any], now: float) -> list[list[str]]:
     return rows
 
 
-def render(status: dict[str, Any], url: str, now: float | None = None) -> str:
+def render(status: StatusDoc, url: str, now: float | None = None) -> str:
     """The human table for one status document."""
     now = time.time() if now is None else now
     gateway = status.get("gateway") or {}
@@ -226,6 +228,9 @@ def render(status: dict[str, Any], url: str, now: float | None = None) -> str:
         lines.append("  (none)")
     if problems:
         lines += ["", "Problems", *problems]
+    warnings = status.get("warnings") or []
+    if warnings:
+        lines += ["", "Warnings", *(f"  {w.get('message', '?')}" for w in warnings)]
     return "\n".join(lines)
 
 

@@ -26,11 +26,15 @@ Refresh = Callable[[], Awaitable[Sequence[GpuInfo]]]
 _SIM_TIMEOUT = aiohttp.ClientTimeout(total=5.0)
 
 
-def gpu_rows(gpus: Sequence[GpuInfo], backend_of: Mapping[str, str]) -> list[dict[str, Any]]:
-    """Inventory rows as stored: GpuInfo's JSON form plus the id of the backend using each card."""
+def gpu_rows(
+    gpus: Sequence[GpuInfo], backend_of: Mapping[str, str], planned_of: Mapping[str, int] | None = None
+) -> list[dict[str, Any]]:
+    """Inventory rows as stored: GpuInfo's JSON form plus the id of the backend using each card and
+    the bytes the plan puts on it (`memory_planned_bytes`, 0 when unknown)."""
     rows = inventory_to_json(gpus)
     for row in rows:
         row["backend"] = backend_of.get(str(row["uuid"]), "")
+        row["memory_planned_bytes"] = int((planned_of or {}).get(str(row["uuid"]), 0))
     return rows
 
 
@@ -118,6 +122,7 @@ class GpuPublisher:
         gpus: Sequence[GpuInfo],
         *,
         backend_of: Mapping[str, str],
+        planned_of: Mapping[str, int] | None = None,
         refresh: Refresh | None = None,
         interval_s: float = 2.0,
         ttl_s: float | None = None,
@@ -126,6 +131,7 @@ class GpuPublisher:
         self.host_name = host_name
         self.gpus = list(gpus)
         self.backend_of = dict(backend_of)
+        self.planned_of = dict(planned_of or {})
         self._refresh = refresh
         self.interval_s = interval_s
         self.ttl_s = ttl_s
@@ -137,7 +143,9 @@ class GpuPublisher:
                 self.gpus = merge_memory(self.gpus, await self._refresh())
             except Exception as e:  # a flaky NVML read must not stop publishing the rest
                 log.warning("GPU refresh failed: %s", e)
-        await self.store.put_gpus(self.host_name, gpu_rows(self.gpus, self.backend_of), ttl_s=self.ttl_s)
+        await self.store.put_gpus(
+            self.host_name, gpu_rows(self.gpus, self.backend_of, self.planned_of), ttl_s=self.ttl_s
+        )
 
     async def start(self) -> None:
         await self.publish_once()

@@ -12,10 +12,12 @@ import pytest
 from aiohttp import web
 
 from gateway.api.auth import ApiKeys
+from gateway.api.status_doc import StatusDoc
 from gateway.appkeys import POOL
 from gateway.server import GatewayServer
 from gateway.state.memory import MemoryStore
 from tests.support.fakes import FakeOllama, MakeFake, fast_settings, wait_for
+from tests.support.statusdoc import mismatches
 
 GENERATE = {"model": "llama3.1:8b", "prompt": "hi", "stream": False}
 
@@ -222,7 +224,7 @@ async def test_metrics_and_status_after_traffic(fakes: MakeFake, http: aiohttp.C
     assert 'corral_model_resident{backend="b",gpus="",model="llama3.1:8b"} 1.0' in text
     assert 'decision="send"' in text
 
-    assert set(status) == {"gateway", "gpus", "backends"}
+    assert mismatches(status, StatusDoc) == []  # the document is exactly its declared shape
     assert {"version", "listen", "policy", "started_at", "uptime_s", "active_requests", "queue_depths"} <= set(
         status["gateway"]
     )
@@ -235,6 +237,16 @@ async def test_metrics_and_status_after_traffic(fakes: MakeFake, http: aiohttp.C
     (resident,) = row["resident"]
     assert resident["name"] == "llama3.1:8b" and resident["size_vram_bytes"] > 0
     assert resident["context_length"] == 4096 and resident["expires_at"] > 0
+    (model_row,) = [m for m in row["models"] if m["name"] == "llama3.1:8b"]
+    assert model_row["resident"] is True and model_row["slots"] == row["num_parallel"] and model_row["busy"] == 0
+    # What this gateway saw: the answered requests per model, and the decisions behind them.
+    (stats,) = [m for m in status["models"] if m["model"] == "llama3.1:8b"]
+    assert stats["requests"] >= 2 and stats["requests_per_s"] > 0 and stats["ttft_p50_s"] is not None
+    assert stats["ttft_p50_s"] <= stats["ttft_p95_s"]
+    sends = [d for d in status["decisions"] if d["decision"] == "send"]
+    assert sends and all(d["model"] == "llama3.1:8b" and d["backend"] in ("a", "b") for d in sends)
+    assert status["decisions"][0]["at"] >= status["decisions"][-1]["at"]  # newest first
+    assert status["warnings"] == [] and status["gateway"]["store_ok"] is True
 
 
 @pytest.mark.parametrize(("max_wait_s", "waits_at_gateway"), [(0.0, True), (30.0, False)])
