@@ -31,10 +31,15 @@ GIB = 1024**3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_gateway_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the gateway's JSON answer")
+
+
+def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the gateway is and how to get in (shared with `corral top`)."""
     parser.add_argument("--config", default="config.toml", help="path of config.toml, for [gateway].listen")
     parser.add_argument("--url", default=None, help=f"the gateway's URL (default: from the config, else {DEFAULT_URL})")
     parser.add_argument("--api-key", default=None, help="API key, if the gateway needs one (default: $CORRAL_API_KEY)")
-    parser.add_argument("--json", action="store_true", help="print the gateway's JSON answer")
 
 
 def gateway_url(args: argparse.Namespace) -> str:
@@ -107,7 +112,7 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.1f}"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = max(int(seconds), 0)
     if seconds < 60:
         return f"{seconds}s"
@@ -138,7 +143,7 @@ def _resident_rows(backend: BackendDoc, now: float) -> list[list[str]]:
     for model in backend.get("resident") or []:
         expires = model.get("expires_at")
         if isinstance(expires, int | float) and expires > 0:
-            left = _duration(expires - now) if expires - now < 10 * 365 * 86400 else "never"
+            left = duration(expires - now) if expires - now < 10 * 365 * 86400 else "never"
         else:
             left = "-"
         rows.append(
@@ -159,7 +164,7 @@ def render(status: StatusDoc, url: str, now: float | None = None) -> str:
     gateway = status.get("gateway") or {}
     lines = [
         f"gateway {url}  corral {gateway.get('version', '?')}  policy {gateway.get('policy', '?')}  "
-        f"up {_duration(float(gateway.get('uptime_s') or 0))}  active requests {gateway.get('active_requests', 0)}  "
+        f"up {duration(float(gateway.get('uptime_s') or 0))}  active requests {gateway.get('active_requests', 0)}  "
         f"queued {_counts(gateway.get('queue_depths'))}",
         "",
     ]
@@ -203,7 +208,7 @@ def render(status: StatusDoc, url: str, now: float | None = None) -> str:
             [
                 str(backend.get("id", "?")),
                 state,
-                _duration(now - started) if started and state in ("ready", "unhealthy") else "-",
+                duration(now - started) if started and state in ("ready", "unhealthy") else "-",
                 str(backend.get("restarts", 0)),
                 " + ".join(backend.get("gpu_names") or []) or "CPU",
                 str(backend.get("url", "")),
