@@ -80,7 +80,8 @@ def status_word(live: LiveBackend) -> BackendStatusWord:
     if record.state == BackendState.STARTING:
         # Started again after its process died: down until the new one is ready.
         return "down" if record.restarts > 0 else "starting"
-    return "draining" if record.state == BackendState.DRAINING else "failed"
+    # A failed record is a process that exited (waiting out its restart backoff) or never started.
+    return "draining" if record.state == BackendState.DRAINING else "down"
 
 
 def resident_doc(view: BackendView) -> list[ResidentDoc]:

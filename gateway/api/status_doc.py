@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from typing import Literal, TypedDict
 
-# One word per backend for the views: `ready` routable; `down` ready by its record but failing its
-# health checks (or ejected); `restarting` being started again after a crash; `starting`, `draining`,
-# `failed` as the launcher's record says.
-BackendStatusWord = Literal["ready", "down", "restarting", "starting", "draining", "failed"]
+# One word per backend for the views: `ready` routable; `down` not serving because something went
+# wrong (failing its health checks or ejected, its process exited and waits to be restarted or is
+# being restarted, or its first start failed: `state` and `last_error` say which); `starting` the
+# first start; `draining` stopping on purpose.
+BackendStatusWord = Literal["ready", "down", "starting", "draining"]
 
 WarningKind = Literal["backend_down", "restart_loop", "cpu_offload", "store_unreachable"]
 

@@ -16,6 +16,8 @@ GIB = 1024**3
 # Restarted this often, and up for less than STABLE_S (or not up at all): a loop, not a blip.
 RESTART_LOOP_COUNT = 3
 STABLE_S = 600.0
+# Why a backend is down, by its record's state (a ready record: its health checks fail).
+DOWN_BECAUSE = {"starting": "being restarted", "failed": "its process is not running"}
 
 
 def _reason(backend: BackendDoc) -> str:
@@ -29,12 +31,10 @@ def fleet_warnings(backends: Sequence[BackendDoc]) -> list[WarningDoc]:
         reason = _reason(b)
         suffix = f": {reason}" if reason else ""
         if b["status"] == "down":
-            what = "restarting after its process exited" if b["state"] == "starting" else "failing health checks"
+            what = DOWN_BECAUSE.get(b["state"], "failing health checks")
             warnings.append(
                 WarningDoc(kind="backend_down", subject=bid, message=f"backend {bid} is down ({what}){suffix}")
             )
-        elif b["status"] == "failed":
-            warnings.append(WarningDoc(kind="backend_down", subject=bid, message=f"backend {bid} failed{suffix}"))
         uptime = b["uptime_s"]
         if b["restarts"] >= RESTART_LOOP_COUNT and (uptime is None or uptime < STABLE_S):
             warnings.append(

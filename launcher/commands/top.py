@@ -33,7 +33,7 @@ BAR_WIDTH = 20
 DECISIONS_SHOWN = 8
 FETCH_TIMEOUT_S = 3.0  # short: a hung gateway must not keep `q` from working for long
 ONCE_WIDTH = 150  # --once into a pipe: wide enough for every column, rich would assume 80
-STATUS_STYLE = {"ready": "green", "down": "bold red", "failed": "bold red", "starting": "yellow", "draining": "yellow"}
+STATUS_STYLE = {"ready": "green", "down": "bold red", "starting": "yellow", "draining": "yellow"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ const GIB = 1024 ** 3;
 function h(tag, attrs, ...children) {
   const el = document.createElement(tag);
   for (const [name, value] of Object.entries(attrs || {})) {
-    if (value === null || value === undefined || value === false) continue;
+    if (value === null || value === undefined) continue;
     if (name === "class") el.className = value;
     else if (name === "style") Object.assign(el.style, value); // CSSOM: allowed by the page's CSP
     else el.setAttribute(name, String(value));
@@ -79,7 +79,7 @@ function renderGpus(doc) {
       if (gpu.utilization_pct !== null) sensors.push(`util ${gpu.utilization_pct}%`);
       if (gpu.temperature_c !== null) sensors.push(`${gpu.temperature_c} °C`);
       if (gpu.power_w !== null) sensors.push(`${Math.round(gpu.power_w)} W`);
-      cards.push(h("div", { class: "card", "data-gpu": gpu.uuid },
+      cards.push(h("div", { class: "card", "data-gpu": gpu.uuid, "data-used-bytes": gpu.memory_used_bytes },
         h("h3", {}, gpu.name, h("span", { class: "muted" }, `#${gpu.index} · ${host}`)),
         h("div", { class: "kv" }, "backend ", h("b", {}, gpu.backend || "-"),
           gpu.simulated ? " · simulated" : ""),
