@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,6 +22,7 @@ from gateway.api.status_doc import StatusDoc
 from gateway.appkeys import POOL
 from gateway.server import GatewayServer
 from gateway.state.memory import MemoryStore
+from gateway.state.redis_store import RedisStore
 from tests.support.fakes import FakeOllama, MakeFake, fast_settings, wait_for
 from tests.support.statusdoc import mismatches
 
@@ -270,3 +277,57 @@ async def test_max_wait_decides_between_the_backends_queue_and_the_gateways(
         await busy.read()
         busy.release()
         assert await asyncio.wait_for(second, timeout=10) == "g0"
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A redis-server of this test's own, on a free port, for the test to stop."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        yield f"redis://127.0.0.1:{port}/0", server
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+async def test_status_warns_when_the_state_store_is_unreachable(
+    fakes: MakeFake, http: aiohttp.ClientSession, own_redis: tuple[str, subprocess.Popen[bytes]]
+) -> None:
+    url, server = own_redis
+    store = RedisStore.from_url(url, prefix=f"corral-test-{os.getpid()}-{id(server)}:")
+    await wait_for_async(store.ping)
+    fake = await fakes(name="g0")
+    try:
+        settings = fast_settings(fake.backend(), state="redis", redis_url=url)
+        async with GatewayServer(settings, store, keys=ApiKeys()) as gw:
+            assert (await status_of(http, gw))["warnings"] == []
+            server.terminate()
+            server.wait()
+            status = await status_of(http, gw)  # still answers, with what it knows
+        assert status["gateway"]["store_ok"] is False and status["gateway"]["store_error"]
+        (warning,) = [w for w in status["warnings"] if w["kind"] == "store_unreachable"]
+        assert warning["message"].startswith("state store (redis) unreachable: ")
+        assert [b["id"] for b in status["backends"]] == ["g0"] and mismatches(status, StatusDoc) == []
+    finally:
+        await store.close()
+
+
+async def wait_for_async(probe: Any, timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            await probe()
+            return
+        except Exception:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
