@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,13 +11,11 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from launcher.sim.harness import free_port
+
+__all__ = ["free_port", "gateway_process", "stop", "wait_http"]
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http(url: str, timeout_s: float = 30.0, *, log: Path | None = None) -> None:

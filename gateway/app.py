@@ -30,7 +30,7 @@ from gateway.api.cors import OriginPolicy, add_cors_headers, cors_middleware
 from gateway.api.dispatch import handle_model_call
 from gateway.api.errors import error_for, method_not_allowed_page, not_found_page
 from gateway.api.lifecycle import RequestTracker
-from gateway.api.page import add_routes as add_page_routes
+from gateway.api.page.serve import add_routes as add_page_routes
 from gateway.api.status import status
 from gateway.config import GatewaySettings, StaticBackend
 from gateway.fleet.inflight import InFlight
@@ -39,7 +39,7 @@ from gateway.fleet.pool import BackendPool
 from gateway.metrics import FleetCollector, Metrics, metrics_response
 from gateway.record import BackendKind, BackendRecord
 from gateway.routing.policy import make_policy
-from gateway.state.memory import StateStore
+from gateway.state.store import StateStore
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ import asyncio
 import time
 from dataclasses import asdict
 from importlib import metadata
-from typing import Any
 
 from aiohttp import web
 
@@ -31,6 +30,7 @@ from gateway.api.status_warnings import fleet_warnings
 from gateway.fleet.pool import LiveBackend
 from gateway.record import BackendState
 from gateway.routing.snapshot import BackendView
+from launcher.facts.gpuinfo import PublishedGpu
 
 # The inventory read answers in a millisecond when the store is well; past this it is not.
 STORE_READ_TIMEOUT_S = 2.0
@@ -43,33 +43,22 @@ def corral_version() -> str:
         return "0.0.0"
 
 
-def _int(value: object) -> int:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
-
-
-def _opt_int(value: object) -> int | None:
-    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def gpu_doc(row: dict[str, Any]) -> GpuDoc:
-    """One inventory row as published by a launcher (GpuInfo's JSON form plus `backend`)."""
-    total = _int(row.get("memory_total_bytes"))
-    used = _int(row.get("memory_used_bytes"))
-    free = _int(row["memory_free_bytes"]) if "memory_free_bytes" in row else max(total - used, 0)
-    power = row.get("power_w")
+def gpu_doc(published: PublishedGpu) -> GpuDoc:
+    """One card as a launcher published it, with its live memory and sensors."""
+    gpu = published.gpu
     return GpuDoc(
-        index=_int(row.get("index")),
-        uuid=str(row.get("uuid", "")),
-        name=str(row.get("name", "")),
-        backend=str(row.get("backend") or ""),
-        memory_total_bytes=total,
-        memory_used_bytes=used,
-        memory_free_bytes=free,
-        memory_planned_bytes=_int(row.get("memory_planned_bytes")),
-        utilization_pct=_opt_int(row.get("utilization_pct")),
-        temperature_c=_opt_int(row.get("temperature_c")),
-        power_w=float(power) if isinstance(power, int | float) and not isinstance(power, bool) else None,
-        simulated=bool(row.get("simulated", False)),
+        index=gpu.index,
+        uuid=gpu.uuid,
+        name=gpu.name,
+        backend=published.backend,
+        memory_total_bytes=gpu.memory_total_bytes,
+        memory_used_bytes=gpu.memory_used_bytes,
+        memory_free_bytes=gpu.memory_free_bytes,
+        memory_planned_bytes=published.planned_bytes,
+        utilization_pct=gpu.utilization_pct,
+        temperature_c=gpu.temperature_c,
+        power_w=gpu.power_w,
+        simulated=gpu.simulated,
     )
 
 
@@ -185,7 +174,7 @@ async def read_gpus(app: web.Application) -> tuple[dict[str, list[GpuDoc]], str]
         return {}, f"no answer within {STORE_READ_TIMEOUT_S:g}s"
     except Exception as e:  # the rest of the document is still worth showing
         return {}, str(e) or type(e).__name__
-    return {host: [gpu_doc(r) for r in cards if isinstance(r, dict)] for host, cards in sorted(rows.items())}, ""
+    return {host: [gpu_doc(card) for card in cards] for host, cards in sorted(rows.items())}, ""
 
 
 async def build_status(app: web.Application) -> StatusDoc:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from gateway.fleet.pool import BackendPool
-from gateway.state.memory import StateStore
+from gateway.state.store import StateStore
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from gateway.config import GatewaySettings
 from gateway.fleet.modelfacts import facts_from_catalog, facts_from_show
 from gateway.fleet.pool import BackendPool, row_model_name
 from gateway.metrics import Metrics
-from gateway.state.memory import StateStore
+from gateway.state.store import StateStore
+from launcher.models.show import needs_verbose
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +222,8 @@ class Poller:
             if live is None:
                 return
             show = await self._get_json(live.record.url + "/api/show", {"model": wire_name})
+            if isinstance(show, dict) and needs_verbose(show):  # per-layer arrays: verbose only
+                show = await self._get_json(live.record.url + "/api/show", {"model": wire_name, "verbose": True})
             facts = facts_from_show(name, show, size) if isinstance(show, dict) else None
             if facts is None:
                 self._facts_failed_at[name] = time.time()

@@ -1,6 +1,7 @@
 """The GPU inventory row, `GpuInfo`, and its JSON form (state store, `corral status`, fixtures).
 
-Import these from `launcher.gpus`, which re-exports them beside discovery.
+`PublishedGpu` is the typed contract between a launcher that publishes its cards into the state
+store and the gateway that reads them back (`StateStore.put_gpus` / `list_gpus`).
 """
 
 from __future__ import annotations
@@ -119,3 +120,31 @@ def inventory_from_json(rows: Sequence[Any]) -> list[GpuInfo]:
         values["extra"] = {str(k): str(v) for k, v in row.get("extra", {}).items()}
         gpus.append(GpuInfo(**values))
     return gpus
+
+
+@dataclass(frozen=True)
+class PublishedGpu:
+    """One card as a launcher publishes it: the inventory row and the backend that uses it."""
+
+    gpu: GpuInfo
+    backend: str = ""  # the backend id whose CUDA_VISIBLE_DEVICES holds this card; "" when unused
+    planned_bytes: int = 0  # what the plan's models take on this card (the views' memory bars); 0: unknown
+
+    def to_json(self) -> dict[str, Any]:
+        """`inventory_to_json`'s row with "backend" and "memory_planned_bytes" keys."""
+        return inventory_to_json([self.gpu])[0] | {"backend": self.backend, "memory_planned_bytes": self.planned_bytes}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "gpu") -> PublishedGpu:
+        """Inverse of `to_json`. Raises ValueError naming the bad key."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected an object, got {data!r}")
+        row = dict(data)
+        backend = str(row.pop("backend", "") or "")
+        planned = row.pop("memory_planned_bytes", 0)
+        if not isinstance(planned, int) or isinstance(planned, bool) or planned < 0:
+            raise ValueError(f"{where}.memory_planned_bytes: expected a byte count, got {planned!r}")
+        try:
+            return cls(inventory_from_json([row])[0], backend, planned)
+        except ValueError as e:
+            raise ValueError(str(e).replace("gpus[0]", where, 1)) from None

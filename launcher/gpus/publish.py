@@ -17,8 +17,8 @@ from typing import Any
 
 import aiohttp
 
-from gateway.state.memory import StateStore
-from launcher.gpus.discovery import GpuInfo, inventory_to_json
+from gateway.state.store import StateStore
+from launcher.facts.gpuinfo import GpuInfo, PublishedGpu
 
 log = logging.getLogger("launcher.gpus.publish")
 
@@ -28,14 +28,11 @@ _SIM_TIMEOUT = aiohttp.ClientTimeout(total=5.0)
 
 def gpu_rows(
     gpus: Sequence[GpuInfo], backend_of: Mapping[str, str], planned_of: Mapping[str, int] | None = None
-) -> list[dict[str, Any]]:
-    """Inventory rows as stored: GpuInfo's JSON form plus the id of the backend using each card and
-    the bytes the plan puts on it (`memory_planned_bytes`, 0 when unknown)."""
-    rows = inventory_to_json(gpus)
-    for row in rows:
-        row["backend"] = backend_of.get(str(row["uuid"]), "")
-        row["memory_planned_bytes"] = int((planned_of or {}).get(str(row["uuid"]), 0))
-    return rows
+) -> list[PublishedGpu]:
+    """The inventory as published: each card with the id of the backend using it and the bytes the
+    plan puts on it."""
+    planned = planned_of or {}
+    return [PublishedGpu(gpu, backend_of.get(gpu.uuid, ""), int(planned.get(gpu.uuid, 0))) for gpu in gpus]
 
 
 def merge_memory(gpus: Sequence[GpuInfo], fresh: Sequence[GpuInfo]) -> list[GpuInfo]:

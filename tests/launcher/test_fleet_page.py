@@ -256,7 +256,7 @@ def test_the_wheel_carries_the_page(tmp_path: Path) -> None:
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True)
     # The installed copy serves the page: import it from there (not from the repo) and compare.
     probe = (
-        "import sys, gateway.api.page as p; "
+        "import sys, gateway.api.page.serve as p; "
         f"assert p.__file__.startswith({str(site)!r}), p.__file__; "
         "sys.stdout.write(' '.join(f'{n}={len(b)}' for n, b in sorted(p._FILES.items())))"
     )

@@ -23,28 +23,24 @@ from gateway.server import GatewayServer
 from gateway.state.memory import MemoryStore
 from launcher.commands import top
 from launcher.commands.cli import main
+from launcher.facts.cards import find_card
+from launcher.facts.gpuinfo import GpuInfo, PublishedGpu
 from tests.support.fakes import MakeFake, fast_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 GIB = 1024**3
 
 
-def gpu_row(index: int, backend: str, used_gib: float, planned_gib: float) -> dict[str, Any]:
-    """An inventory row as the launcher publishes it (launcher.gpus.publish.gpu_rows)."""
-    return {
-        "index": index,
-        "uuid": f"GPU-test-{index}",
-        "name": "RTX 4090",
-        "memory_total_bytes": 24 * GIB,
-        "memory_used_bytes": int(used_gib * GIB),
-        "memory_free_bytes": int((24 - used_gib) * GIB),
-        "memory_planned_bytes": int(planned_gib * GIB),
-        "utilization_pct": 87,
-        "temperature_c": 64,
-        "power_w": 301.5,
-        "backend": backend,
-        "simulated": False,
-    }
+def gpu_row(index: int, backend: str, used_gib: float, planned_gib: float) -> PublishedGpu:
+    """A card as the launcher publishes it (launcher.gpus.publish.gpu_rows), with NVML's sensors."""
+    card = find_card("RTX 4090")
+    assert card is not None
+    used = int(used_gib * GIB)
+    gpu = GpuInfo(
+        index, f"GPU-test-{index}", "RTX 4090", 24 * GIB, 24 * GIB - used, used, card,
+        temperature_c=64, power_w=301.5, utilization_pct=87,
+    )  # fmt: skip
+    return PublishedGpu(gpu, backend, int(planned_gib * GIB))
 
 
 def run_once(*argv: str) -> tuple[int, str, str]:
