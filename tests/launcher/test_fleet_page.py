@@ -106,9 +106,9 @@ def backend_pid(up: UpProcess, port: int) -> int:
 async def picture_ready(page: Page, uuid: str) -> None:
     """Give the launcher's GPU refresh (every 2 s) a moment to show the loaded models' memory, so
     the picture has it; the picture is taken either way (nothing is asserted here)."""
-    used = f"document.querySelector('[data-gpu=\"{uuid}\"]')?.dataset.usedBytes > 0"
+    # A selector, not a JavaScript predicate: the page's CSP forbids eval, which those use.
     with contextlib.suppress(PlaywrightTimeout):
-        await page.wait_for_function(used, timeout=4000)
+        await page.wait_for_selector(f'[data-gpu="{uuid}"]:not([data-used-bytes="0"])', timeout=4000)
 
 
 def keep_screenshot(path: Path) -> None:
