@@ -9,6 +9,7 @@ model no backend has, as it does for metric labels).
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
@@ -20,8 +21,10 @@ from gateway.routing.policy import Decision, Reject, Send, Wait
 
 WINDOW_S = 300.0  # "the last minutes"
 DECISIONS_KEPT = 50
-SAMPLES_PER_MODEL = 4096  # at 13 requests/s a model's whole window still fits
-MODELS_KEPT = 256
+# Worst case 64 x 2048 samples (~10 MB, a few tens of ms per status document); the dispatcher
+# passes only models some backend has, so a real fleet stays far below it.
+SAMPLES_PER_MODEL = 2048  # at 6.8 requests/s a model's whole window still fits; above, the newest 2048
+MODELS_KEPT = 64
 NAME_LIMIT = 200
 
 
@@ -116,7 +119,7 @@ class Activity:
         names = sorted(set(self._samples) | set(in_flight) | set(queued))
         rows = []
         for name in names:
-            recent = [s for s in self._samples.get(name, ()) if s.at >= since]
+            recent = list(itertools.takewhile(lambda s: s.at >= since, reversed(self._samples.get(name, ()))))
             if not recent and not in_flight.get(name) and not queued.get(name):
                 continue
             ttfts = sorted(s.ttft_s for s in recent if s.ttft_s is not None and not s.failed)
