@@ -212,6 +212,7 @@ def ready_lines(url: str, plan: Plan, proxy_host: str) -> list[str]:
         f"ready: {url}  ({len(plan.backends)} backends, {len(set(models))} models; Ctrl-C to stop)",
         f"  try: OLLAMA_HOST={proxy_host} ollama run {example}",
         f"       curl {url}/api/chat -d '{body}'",
+        f"watch: {url}/corral/  or  corral top --url {url}",
     ]
 
 

@@ -132,6 +132,7 @@ async def test_page_shows_the_rig_live(tmp_path: Path, browser: Browser) -> None
     children: list[int] = []
     try:
         await up.wait_for_line("ready: ")
+        assert f"watch: {url}/corral/  or  corral top --url {url}" in await up.wait_for_line("watch: ")
         children = up.descendants()
         status = await fetch_status(url)
         backends = {b["id"]: b for b in status["backends"]}
