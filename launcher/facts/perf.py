@@ -120,7 +120,9 @@ def kv_cache_bytes(spec: ModelSpec, opts: LoadOptions, layers: int | None = None
     context = opts.effective_ctx(spec) * opts.num_parallel
     per_layer = context * (spec.head_dim_k + spec.head_dim_v) * spec.head_count_kv
     n_layers = spec.block_count if layers is None else layers
-    return int(per_layer * KV_BYTES_PER_ELEMENT[opts.kv_cache_type] * n_layers)
+    # Sliding-window layers cache only their window (gemma2/3, gpt-oss), as Ollama's GraphSize does.
+    windowed = n_layers * spec.kv_layers(opts.effective_ctx(spec)) / max(spec.block_count, 1)
+    return int(per_layer * KV_BYTES_PER_ELEMENT[opts.kv_cache_type] * windowed)
 
 
 def graph_bytes(spec: ModelSpec, opts: LoadOptions) -> int:
