@@ -28,8 +28,10 @@ from launcher.facts.strictconf import ConfigError
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Paths that stay open even when keys are configured: liveness probes hit `/` (Ollama's own
-# "Ollama is running"), and it reveals nothing.
-PUBLIC_PATHS: frozenset[str] = frozenset({"/"})
+# "Ollama is running"), and it reveals nothing; nor does the fleet page's static files (the data
+# they show comes from /api/corral/status, which needs the admin key).
+PUBLIC_PATHS: frozenset[str] = frozenset({"/", "/corral"})
+PUBLIC_PREFIXES: tuple[str, ...] = ("/corral/",)
 
 # Routes that change the fleet or expose its internals.
 ADMIN_PATHS: frozenset[str] = frozenset(
@@ -131,7 +133,7 @@ def auth_middleware(keys: ApiKeys) -> Middleware:
 
     @web.middleware
     async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not keys.enabled or request.path in PUBLIC_PATHS:
+        if not keys.enabled or request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PREFIXES):
             return await handler(request)
         if request.match_info.http_exception is not None:
             return await handler(request)  # unknown path or wrong method: 404/405 like Ollama

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gateway": ("launcher.commands.gateway", "run the gateway alone, over static or registered backends"),
     "status": ("launcher.commands.status", "GPUs, backends, resident models and queues of a running rig"),
     "batch": ("launcher.commands.batch", "run a JSONL batch over the fleet: parallel, retried, resumable"),
+    "top": ("launcher.commands.top", "the running rig live in the terminal (q quits; --once prints one frame)"),
 }
 
 
