@@ -23,12 +23,15 @@ from aiohttp import web
 
 from gateway import appkeys
 from gateway.api import fleetwide as fleet
+from gateway.api.activity import Activity
 from gateway.api.admission import WaitQueues
 from gateway.api.auth import ApiKeys, auth_middleware, load_keys
+from gateway.api.capacity import capacity
 from gateway.api.cors import OriginPolicy, add_cors_headers, cors_middleware
 from gateway.api.dispatch import handle_model_call
 from gateway.api.errors import error_for, method_not_allowed_page, not_found_page
 from gateway.api.lifecycle import RequestTracker
+from gateway.api.page.serve import add_routes as add_page_routes
 from gateway.api.status import ready, status
 from gateway.config import GatewaySettings, StaticBackend
 from gateway.fleet.inflight import InFlight
@@ -115,6 +118,8 @@ def _routes(app: web.Application) -> None:
     r.add_get("/metrics", _metrics, allow_head=False)
     r.add_get("/api/corral/status", status, allow_head=False)
     r.add_get("/api/corral/ready", ready)  # also HEAD
+    r.add_get("/api/corral/capacity", capacity, allow_head=False)
+    add_page_routes(r)  # the fleet page at /corral/
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -240,6 +245,7 @@ def create_app(
     app[appkeys.TRACKER] = tracker
     app[appkeys.STARTED_AT] = time.time()
     app[appkeys.LISTEN] = listen or settings.listen
+    app[appkeys.ACTIVITY] = Activity()
     app.cleanup_ctx.extend([_fleet_gauges, _static_backends, _client_session, _pool_and_poller])
     _routes(app)
     return app

@@ -9,6 +9,7 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from gateway.api.activity import Activity
 from gateway.api.admission import WaitQueues
 from gateway.api.auth import ApiKeys
 from gateway.api.lifecycle import RequestTracker
@@ -31,6 +32,7 @@ QUEUES = web.AppKey("corral_queues", WaitQueues)
 POLICY: web.AppKey[Policy] = web.AppKey("corral_policy")
 TRACKER = web.AppKey("corral_tracker", RequestTracker)
 STARTED_AT = web.AppKey("corral_started_at", float)  # epoch seconds
+ACTIVITY = web.AppKey("corral_activity", Activity)  # recent decisions and traffic, for the live views
 LISTEN = web.AppKey("corral_listen", str)  # the address actually served (for /api/corral/status)
 # Set while the app runs (cleanup contexts):
 SESSION = web.AppKey("corral_session", aiohttp.ClientSession)

@@ -213,6 +213,7 @@ def ready_lines(url: str, plan: Plan, proxy_host: str) -> list[str]:
         f"ready: {url}  ({len(plan.backends)} backends, {len(set(models))} models; Ctrl-C to stop)",
         f"  try: OLLAMA_HOST={proxy_host} ollama run {example}",
         f"       curl {url}/api/chat -d '{body}'",
+        f"watch: {url}/corral/  or  corral top --url {url}",
     ]
 
 
@@ -231,7 +232,8 @@ async def _up_until_stopped(cfg: CorralConfig, opts: UpOptions, out: ProgressPri
     rig = resolve_rig(cfg)
     if rig.message:
         out.line(rig.message)
-    the_plan = make_plan(rig.gpus, model_specs(cfg), cfg.launcher)
+    out.line(f"memory model: {rig.era_note}" + (f" (warning: {rig.era_warning})" if rig.era_warning else ""))
+    the_plan = make_plan(rig.gpus, model_specs(cfg), cfg.launcher, rig.era)
     for line in plan_lines(the_plan):
         out.line(line)
     if not the_plan.ok or not the_plan.backends:
@@ -302,6 +304,7 @@ async def _up_until_stopped(cfg: CorralConfig, opts: UpOptions, out: ProgressPri
                 host_name,
                 rig.gpus,
                 backend_of={uuid: sup.record_prefix + b.id for b in the_plan.backends for uuid in b.gpu_uuids},
+                planned_of=planned_bytes_per_card(the_plan),
                 refresh=_refresh_for(sim, session, [launch.url for launch in launches], rig),
                 ttl_s=ttl_s,
             )
@@ -319,6 +322,17 @@ async def _up_until_stopped(cfg: CorralConfig, opts: UpOptions, out: ProgressPri
     finally:
         await session.close()
         await store.close()
+
+
+def planned_bytes_per_card(plan: Plan) -> dict[str, int]:
+    """GPU UUID -> the bytes the plan's models take on that card (for the views' memory bars)."""
+    planned: dict[str, int] = {}
+    for b in plan.backends:
+        for m in b.models:
+            shares = m.card_vram_bytes or tuple(m.vram_bytes // max(len(b.gpu_uuids), 1) for _ in b.gpu_uuids)
+            for uuid, share in zip(b.gpu_uuids, shares, strict=False):
+                planned[uuid] = planned.get(uuid, 0) + share
+    return planned
 
 
 def _gateway_refusal(cfg: CorralConfig, opts: UpOptions, plan: Plan) -> str:

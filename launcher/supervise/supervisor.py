@@ -261,6 +261,7 @@ class Supervisor:
             vram_total_bytes=planned.vram_total_bytes,
             speed=planned.speed,
             planned_models=planned.model_names,
+            planned_num_ctx=tuple(m.num_ctx for m in planned.models),
             store_id=self.store_id,
             default_num_ctx=context_length_env(proc.launch.env),
             state=record_state(proc.state),

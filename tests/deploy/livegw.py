@@ -44,7 +44,7 @@ async def exposition_under_traffic() -> str:
         name="g0",
         models={"llama3.1:8b": 5 * GIB, "nomic-embed-text": GIB // 4, "llama3.3:70b": 40 * GIB},
         resident={"llama3.3:70b": 8192},
-        cpu_bytes={"llama3.3:70b": 8 * GIB},
+        vram={"llama3.3:70b": 32 * GIB},
         load_duration_ns=2_000_000_000,  # above cold_load_threshold_s: every reply counts as a load
         chunks=4,
     ).start()

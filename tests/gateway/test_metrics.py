@@ -73,7 +73,7 @@ async def test_restarts_offload_and_gpu_memory_come_from_records_ps_and_the_inve
     size = 40 * GIB
     # A quarter of the model in system memory, as /api/ps shows a partial offload (size > size_vram).
     model = "llama3.3:70b"
-    a = await fakes(name="a", models={model: size}, resident={model: 4096}, cpu_bytes={model: size // 4})
+    a = await fakes(name="a", models={model: size}, resident={model: 4096}, vram={model: size - size // 4})
     store = MemoryStore()
     await store.put_backend(
         BackendRecord(
