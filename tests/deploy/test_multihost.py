@@ -282,3 +282,45 @@ def test_two_gpu_hosts_behind_two_gateways_survive_a_dead_and_a_frozen_launcher(
     for gw in GATEWAYS:
         wait_until(fleet, f"{gw} routes to B again", lambda gw=gw: fleet.routable_hosts(gw) == both, 60, no_traffic)
     assert fleet.hosts_serving(GATEWAYS[0]) == set(HOSTS), fleet.logs()
+
+
+def test_the_nftables_rules_let_only_the_gateways_reach_a_backend_port(tmp_path: Path) -> None:
+    """deploy/systemd/corral-backends.nft on a GPU host, with this lab's addresses in its sets: the
+    gateway host reaches a backend port, another host on another interface does not."""
+    reason = NetnsLab.unavailable()
+    if reason:
+        pytest.skip(f"cannot make network namespaces here: {reason}")
+    if not any(Path(d, "nft").exists() for d in os.environ.get("PATH", "").split(os.pathsep)):
+        pytest.skip("nft is not installed (apt-get install nftables)")
+    rules = (Path(__file__).resolve().parents[2] / "deploy" / "systemd" / "corral-backends.nft").read_text()
+    gateway_set = "elements = { 10.0.0.21, 10.0.0.22 }"
+    hosts_set = "elements = { 10.0.0.11, 10.0.0.12, 10.0.0.21, 10.0.0.22 }"
+    assert gateway_set in rules and hosts_set in rules
+    with NetnsLab(tmp_path / "lab") as lab:
+        gpu, front, outsider = lab.host("gpu"), lab.host("front"), lab.host("other")
+        lab.link(front, "198.18.1.1", gpu, "198.18.1.2")
+        lab.link(outsider, "198.18.3.2", gpu, "198.18.3.1")
+        # The outsider is routed to the backend's address through the GPU host's other interface.
+        assert lab.run(outsider, ["ip", "route", "add", "198.18.1.0/24", "via", "198.18.3.1"]).returncode == 0
+        # A stand-in for a backend: anything listening on a backend port of the host's address.
+        lab.spawn(gpu, [sys.executable, "-m", "http.server", "11500", "--bind", "198.18.1.2"], log_name="backend")
+        url = "http://198.18.1.2:11500/"
+
+        def reaches(ns: str) -> bool:
+            return lab.run(ns, ["curl", "-sS", "--noproxy", "*", "-m", "3", "-o", "/dev/null", url]).returncode == 0
+
+        deadline = time.monotonic() + 20
+        while not reaches(front):
+            assert time.monotonic() < deadline, "the stand-in backend did not start"
+            time.sleep(0.2)
+        assert reaches(outsider)  # without the rules, anyone routed here gets in
+        path = tmp_path / "corral-backends.nft"
+        path.write_text(
+            rules.replace(gateway_set, "elements = { 198.18.1.1 }").replace(
+                hosts_set, "elements = { 198.18.1.1, 198.18.1.2 }"
+            )
+        )
+        loaded = lab.run(gpu, ["nft", "-f", str(path)])
+        assert loaded.returncode == 0, loaded.stderr
+        assert reaches(front)
+        assert not reaches(outsider)
