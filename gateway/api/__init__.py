@@ -6,6 +6,9 @@
     proxy.py       forwarding one request to one backend, streaming the reply byte for byte
     fleetwide.py   calls about the whole fleet (tags, ps, pull, create, delete, ...)
     fanout.py, progress.py, blobs.py   fan-out to one backend per model store, merged progress
-    status.py      GET /api/corral/status
+    status.py      GET /api/corral/status; its shape is status_doc.py (TypedDicts shared with the
+                   readers: corral status, corral top, the page), warnings from status_warnings.py
+    activity.py    recent routing decisions and per-model traffic, for the live views
+    page/          the fleet page at /corral/ (static files shipped in the package)
     auth.py, cors.py, errors.py, lifecycle.py   keys, browsers, error replies, drain accounting
 """

@@ -19,6 +19,7 @@ import aiohttp
 from gateway.config import GatewaySettings
 from gateway.fleet.modelfacts import facts_from_catalog, facts_from_show
 from gateway.fleet.pool import BackendPool, row_model_name
+from gateway.fleet.storewatch import StoreWatch
 from gateway.metrics import Metrics
 from gateway.state.store import StateStore
 from launcher.models.show import needs_verbose
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 
 # A model whose /api/show failed is asked again after this long.
 FACTS_RETRY_S = 60.0
+# stop(): cancel, wait this long, cancel again what still runs; this many times at most.
+STOP_ROUND_S = 1.0
+STOP_ROUNDS = 10
 
 
 class Poller:
@@ -40,8 +44,10 @@ class Poller:
         store: StateStore,
         session: aiohttp.ClientSession,
         metrics: Metrics,
+        watch: StoreWatch | None = None,
     ) -> None:
         self.settings = settings
+        self.watch = watch or StoreWatch()
         self.pool = pool
         self.store = store
         self.session = session
@@ -56,7 +62,12 @@ class Poller:
         )
 
     async def start(self) -> None:
-        await self.sync_records()
+        try:
+            await self.sync_records()
+        except Exception as e:
+            self.watch.failed(e)
+            raise
+        await self.read_inventory()
         await asyncio.gather(*(self._first_round(b) for b in self.pool.ids()))
         self._main = asyncio.create_task(self._follow_store(), name="corral-records")
 
@@ -64,11 +75,21 @@ class Poller:
         tasks = [t for ts in self._tasks.values() for t in ts] + list(self._background)
         if self._main is not None:
             tasks.append(self._main)
+        # A cancellation can be swallowed inside a store client (redis-py, mid-reconnect) and the
+        # loop then runs on: cancel again until every task has ended, a bounded number of times.
+        pending = set(tasks)
+        for _ in range(STOP_ROUNDS):
+            if not pending:
+                break
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=STOP_ROUND_S)
+        if pending:
+            log.warning("poller: %d tasks did not stop", len(pending))
         for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            if task.done() and not task.cancelled():
+                with contextlib.suppress(Exception):
+                    task.result()  # retrieved, so asyncio does not log it as never retrieved
         self._tasks.clear()
         self._main = None
 
@@ -101,12 +122,23 @@ class Poller:
             try:
                 await self.sync_records()
             except Exception as e:  # a store hiccup (Redis restart) must not stop the gateway
-                log.warning("state store read failed: %s", e)
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # redis-py can swallow a cancellation that lands mid-command (or turn it into a
-                # ConnectionError); the gateway is stopping, and looping on would hang `stop()`.
-                raise asyncio.CancelledError
+                _reraise_if_cancelled(e)
+                if self.watch.up is not False:
+                    log.warning("state store read failed: %s", e)
+                self.watch.failed(e)
+                continue
+            await self.read_inventory()
+
+    async def read_inventory(self) -> None:
+        """The launchers' GPU rows, for /metrics; marks the store up or down by whether it answered."""
+        try:
+            gpus = await self.store.list_gpus()
+        except Exception as e:
+            _reraise_if_cancelled(e)
+            self.watch.failed(e)
+            return
+        self.watch.set_inventory(gpus)
+        self.watch.answered()
 
     def _start_tasks(self, backend_id: str) -> None:
         self._tasks[backend_id] = [
@@ -222,6 +254,15 @@ class Poller:
             self._facts_failed_at[name] = time.time()
         finally:
             self._facts_pending.discard(name)
+
+
+def _reraise_if_cancelled(error: Exception) -> None:
+    """Raise CancelledError when this task is being cancelled. redis-py can turn a cancellation
+    that lands mid-command into a ConnectionError; a loop that shrugs off store errors would then
+    run on after `stop()` cancelled it, and the gateway would never finish shutting down."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from error
 
 
 def _models(body: Any) -> list[dict[str, Any]]:

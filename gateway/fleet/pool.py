@@ -426,6 +426,7 @@ class BackendPool:
                     last_used=dict(live.last_used),
                     last_interactive=dict(live.last_interactive),
                     work={m: tuple(w.item(now, self._backend_s_per_s) for w in items) for m, items in work.items()},
+                    version=live.version,
                 )
             )
         return tuple(views)

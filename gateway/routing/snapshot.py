@@ -76,12 +76,13 @@ class ModelFacts:
     name: str
     size_bytes: int  # file size in the store (what a load streams into memory)
     kv_bytes_per_token: int  # KV cache per token of context, all layers, f16
-    overhead_bytes: int  # per-card graph + minimum at the default context
+    overhead_bytes: int  # per-card compute buffer at the default context (HEAD)
     context_length: int  # the model's trained context
     embedding_only: bool = False
     # Ollama loads it with one slot whatever OLLAMA_NUM_PARALLEL says (embedding-only models and the
     # architectures server/sched.go lists; launcher.facts.catalog.forced_single_slot).
     single_slot: bool = False
+    overhead_bytes_era_a: int = 0  # per-card graph + minimum for Ollama <= 0.29; 0: unknown, overhead_bytes
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,7 @@ class BackendView:
     # This gateway's requests in flight here, per model (other gateways' are counted in `in_flight`
     # but not itemised: they are assumed half done).
     work: Mapping[str, tuple[WorkItem, ...]] = field(default_factory=dict)
+    version: str = ""  # the backend's /api/version: which Ollama memory model it uses (launcher.facts.memory)
 
     @property
     def id(self) -> str:

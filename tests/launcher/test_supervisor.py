@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.record import BackendKind, BackendState
+from gateway.record import BackendKind, BackendRecord, BackendState
 from gateway.state.memory import MemoryStore
 from launcher.config import LauncherSettings
 from launcher.facts.strictconf import ConfigError
@@ -241,7 +241,7 @@ async def test_crash_restarts_with_backoff_and_counts_restarts() -> None:
         ready_again.append(proc.restarts)
 
     supervisor = Supervisor(
-        [launch(planned(), "--crash-after-ready", "0.3")], FAST, store=store, on_restart_ready=on_restart_ready
+        [launch(planned(), "--crash-after-ready", "1.0")], FAST, store=store, on_restart_ready=on_restart_ready
     )
     async with supervisor as sup:
         assert await sup.start_all() == []
@@ -268,7 +268,9 @@ async def test_backoff_grows_per_crash_and_resets_after_a_stable_run(
         start_timeout_s=15.0, restart_backoff_s=0.05, restart_backoff_max_s=0.2, stable_after_s=stable_after_s
     )
     with caplog.at_level(logging.WARNING, logger="launcher.supervise.supervisor"):
-        async with Supervisor([launch(planned(), "--crash-after-ready", "0.2")], timing) as sup:
+        # 1 s up before each crash: longer than the health gate's slowest poll (0.5 s), so every
+        # start is seen ready before the crash, however slow the machine is.
+        async with Supervisor([launch(planned(), "--crash-after-ready", "1.0")], timing) as sup:
             assert await sup.start_all() == []
             await wait_for_restart(sup["g0"], 2, WAIT_S)
     restarts = [r.getMessage() for r in caplog.records if "restarting in" in r.getMessage()]
@@ -276,7 +278,7 @@ async def test_backoff_grows_per_crash_and_resets_after_a_stable_run(
 
 
 async def test_restart_clears_the_crashed_backends_runners() -> None:
-    async with Supervisor([launch(planned(), "--spawn-child", "--crash-after-ready", "0.5")], FAST) as sup:
+    async with Supervisor([launch(planned(), "--spawn-child", "--crash-after-ready", "1.0")], FAST) as sup:
         assert await sup.start_all() == []
         proc = sup["g0"]
         first_pid = proc.pid
@@ -408,6 +410,17 @@ async def test_records_in_a_shared_store_are_heartbeated_then_withdrawn() -> Non
             await asyncio.sleep(0.05)
         assert records[0].state == BackendState.READY
     assert await store.list_backends() == []
+
+
+async def test_a_record_prefix_keeps_hosts_apart_in_a_shared_store() -> None:
+    # Planned ids ("g0") repeat on every host; launchers sharing one store publish "<host>/g0".
+    store = MemoryStore()
+    async with Supervisor([launch(planned("g0"))], FAST, store=store, record_ttl_s=5.0, record_prefix="box-a/") as sup:
+        assert await sup.start_all() == []
+        assert [r.id for r in await store.list_backends()] == ["box-a/g0"]
+        await store.put_backend(BackendRecord(id="box-b/g0", url="http://127.0.0.2:1"))  # another host's
+    # Leaving withdraws this launcher's record only.
+    assert [r.id for r in await store.list_backends()] == ["box-b/g0"]
 
 
 async def test_missing_binary_is_a_clear_message() -> None:
