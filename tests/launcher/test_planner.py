@@ -61,7 +61,7 @@ def test_llama33_70b_on_two_24gb_cards_is_one_split_backend() -> None:
     cards = _rig("RTX 3090", "RTX 3090")
     p = _plan(cards, ModelEntry("llama3.3:70b", num_ctx=8192, num_parallel=1))
     assert p.ok and not p.warnings
-    (backend,) = p.backends
+    (backend,) = [b for b in p.backends if b.models]
     assert backend.kind is BackendKind.SPLIT
     assert backend.gpu_indices == (0, 1) and backend.id == "g0+g1"
     (model,) = backend.models
@@ -104,7 +104,7 @@ def test_llama4_scout_67gb_on_two_48gb_cards_is_split() -> None:
     cards = _rig("A6000", "A6000")
     p = _plan(cards, ModelEntry("llama4:16x17b", num_parallel=1))
     assert p.ok
-    (backend,) = p.backends
+    (backend,) = [b for b in p.backends if b.models]
     assert backend.kind is BackendKind.SPLIT and backend.gpu_indices == (0, 1)
     assert backend.num_parallel == 1
     # Roughly even halves, as shared/seeds/003 expected on identical cards.
@@ -116,7 +116,7 @@ def test_llama4_scout_67gb_on_two_48gb_cards_is_split() -> None:
 def test_a_model_larger_than_the_rig_runs_partly_on_the_cpu_with_a_warning() -> None:
     p = _plan(_rig("RTX 4090", "RTX 4090"), ModelEntry("llama3.1:405b"))
     assert p.ok
-    (backend,) = p.backends
+    (backend,) = [b for b in p.backends if b.models]
     assert backend.kind is BackendKind.CPU and backend.gpu_indices == (0, 1)
     (model,) = backend.models
     assert 0 < model.num_gpu < 127  # layers on GPU, out of 126 + the output layer
@@ -249,7 +249,7 @@ def test_several_small_models_share_one_card() -> None:
     names = ("llama3.2:3b", "qwen2.5:1.5b", "gemma2:2b", "nomic-embed-text")
     p = _plan(cards, *(ModelEntry(n) for n in names))
     assert p.ok and not p.warnings
-    (backend,) = p.backends
+    (backend,) = [b for b in p.backends if b.models]
     assert backend.model_names == ("llama3.2:3b", "qwen2.5:1.5b", "gemma2:2b", "nomic-embed-text:latest")
     assert backend.max_loaded_models >= 4
     assert backend.vram_planned_bytes <= cards[0].memory_free_bytes
@@ -291,7 +291,7 @@ def test_on_an_over_full_rig_a_model_that_needs_the_cpu_anyway_leaves_the_card_t
 
 def test_a_shared_backend_runs_at_the_smallest_num_parallel_and_says_so() -> None:
     p = _plan(_rig("A6000"), ModelEntry("llama3.1:8b", num_ctx=8192), ModelEntry("qwen2.5:7b", num_parallel=2))
-    (backend,) = p.backends
+    (backend,) = [b for b in p.backends if b.models]
     assert backend.model_names == ("llama3.1:8b", "qwen2.5:7b")
     assert backend.num_parallel == 2
     assert any(w.startswith("llama3.1:8b gets num_parallel 2 on g0, not 4") for w in p.warnings)
@@ -425,7 +425,7 @@ def test_the_seeds_70b_is_split_over_the_gpus_with_slots_stepped_down(rig: tuple
     cards = _rig(*rig)
     p = _plan(cards, ModelEntry("llama3.3:70b", num_ctx=8192))
     assert p.ok and not p.warnings
-    (backend,) = p.backends
+    (backend,) = [b for b in p.backends if b.models]
     assert backend.kind is BackendKind.SPLIT and backend.gpu_indices == (0, 1)
     assert backend.num_parallel < 4
     (model,) = backend.models
@@ -440,7 +440,7 @@ def test_the_seeds_70b_is_split_over_the_gpus_with_slots_stepped_down(rig: tuple
 def test_a_clean_split_gives_each_card_layers_in_proportion_to_its_free_memory() -> None:
     cards = _rig("RTX 4090", "RTX 3090")
     p = _plan(cards, ModelEntry("llama3.3:70b", num_ctx=8192, num_parallel=1))
-    (backend,) = p.backends
+    (backend,) = [b for b in p.backends if b.models]
     assert backend.gpu_names == ("RTX 4090", "RTX 3090")  # strongest first in CUDA_VISIBLE_DEVICES
     (model,) = backend.models
     strong, weak = model.card_layers
@@ -471,7 +471,7 @@ def test_a_split_takes_the_strong_card_and_lists_it_first() -> None:
     # one 3090 (the best predicted rate), 4090 first in CUDA_VISIBLE_DEVICES.
     cards = _rig("RTX 3090", "RTX 4090", "RTX 3090")
     p = _plan(cards, ModelEntry("llama3.3:70b", num_ctx=8192))
-    (backend,) = p.backends
+    (backend,) = [b for b in p.backends if b.models]
     assert backend.gpu_indices[0] == 1 and len(backend.gpu_indices) == 2
     assert backend.gpu_names == ("RTX 4090", "RTX 3090")
     two_3090s = _plan(_rig("RTX 3090", "RTX 3090"), ModelEntry("llama3.3:70b", num_ctx=8192))
@@ -482,5 +482,5 @@ def test_a_model_that_fits_the_strong_card_makes_a_clean_break_there() -> None:
     # shared/seeds/002: a 5090 + 3090 pair runs "as slow as the 3090" when the model is split; a model
     # that fits the 5090 alone goes there whole.
     p = _plan(_rig("RTX 3090", "RTX 5090"), ModelEntry("qwen2.5:32b", num_ctx=8192))
-    (backend,) = p.backends
+    (backend,) = [b for b in p.backends if b.models]
     assert backend.kind is BackendKind.SINGLE and backend.gpu_names == ("RTX 5090",)
