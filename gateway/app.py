@@ -23,12 +23,16 @@ from aiohttp import web
 
 from gateway import appkeys
 from gateway.api import fleetwide as fleet
+from gateway.api.accesslog import access_middleware, stamp_reply
 from gateway.api.admission import WaitQueues
 from gateway.api.auth import ApiKeys, auth_middleware, load_keys
 from gateway.api.cors import OriginPolicy, add_cors_headers, cors_middleware
 from gateway.api.dispatch import handle_model_call
 from gateway.api.errors import error_for, method_not_allowed_page, not_found_page
+from gateway.api.hosts import hosts_middleware
 from gateway.api.lifecycle import RequestTracker
+from gateway.api.limits import limits_middleware
+from gateway.api.ready import ready
 from gateway.api.status import status
 from gateway.config import GatewaySettings, StaticBackend
 from gateway.fleet.inflight import InFlight
@@ -37,6 +41,7 @@ from gateway.fleet.pool import BackendPool
 from gateway.metrics import FleetCollector, Metrics, metrics_response
 from gateway.record import BackendKind, BackendRecord
 from gateway.routing.policy import make_policy
+from gateway.state.health import StoreHealth
 from gateway.state.memory import StateStore
 
 log = logging.getLogger(__name__)
@@ -113,6 +118,7 @@ def _routes(app: web.Application) -> None:
     r.add_post("/api/blobs/{digest}", fleet.blob_upload)
     r.add_get("/metrics", _metrics, allow_head=False)
     r.add_get("/api/corral/status", status, allow_head=False)
+    r.add_get("/api/corral/ready", ready)  # also HEAD, for probes
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -147,11 +153,21 @@ async def _static_backends(app: web.Application) -> AsyncIterator[None]:
             try:
                 await publish()
             except Exception as e:  # keep trying; the records outlive a short store outage
-                log.warning("could not refresh static backend records: %s", e)
+                app[appkeys.STORE_HEALTH].failed(e)
 
     await publish()
     task = asyncio.create_task(heartbeat(), name="corral-static-backends")
+    pending: set[asyncio.Task[None]] = set()
+
+    def republish() -> None:  # the store is back (maybe empty): put the records there at once
+        job = asyncio.create_task(publish())
+        pending.add(job)
+        job.add_done_callback(pending.discard)
+
+    app[appkeys.STORE_HEALTH].on_recover.append(republish)
     yield
+    for job in list(pending):
+        job.cancel()
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
@@ -181,10 +197,17 @@ async def _pool_and_poller(app: web.Application) -> AsyncIterator[None]:
     def fleet_changed() -> None:
         queues.notify()
 
-    in_flight = InFlight(app[appkeys.STORE], pool, on_release=slot_freed)
+    store_health = app[appkeys.STORE_HEALTH]
+    in_flight = InFlight(app[appkeys.STORE], pool, on_release=slot_freed, store_health=store_health)
     app[appkeys.IN_FLIGHT] = in_flight
     poller = Poller(
-        app[appkeys.SETTINGS], pool, app[appkeys.STORE], app[appkeys.SESSION], app[appkeys.METRICS], fleet_changed
+        app[appkeys.SETTINGS],
+        pool,
+        app[appkeys.STORE],
+        app[appkeys.SESSION],
+        app[appkeys.METRICS],
+        fleet_changed,
+        store_health=store_health,
     )
     app[appkeys.POLLER] = poller
     await poller.start()
@@ -209,28 +232,36 @@ def create_app(
     """
     keys = keys if keys is not None else load_keys(settings, os.environ)
     tracker = RequestTracker()
+    listen = listen or settings.listen
+    host_check = hosts_middleware(listen.rpartition(":")[0].strip("[]"), settings.allowed_hosts)
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[
+            access_middleware(settings.access_log),
+            limits_middleware(settings),
             tracker.middleware(),
             ollama_errors,
+            *([host_check] if host_check is not None else []),
             cors_middleware(OriginPolicy(settings.cors_origins)),
             auth_middleware(keys),
         ],
     )
     app.on_response_prepare.append(add_cors_headers)
+    app.on_response_prepare.append(stamp_reply)
     # The re-check is a safety net: pool changes and finished requests already wake waiters.
     queues = WaitQueues(settings.queue_size, recheck_s=settings.poll_interval_s)
     app[appkeys.SETTINGS] = settings
     app[appkeys.STORE] = store
     app[appkeys.KEYS] = keys
-    app[appkeys.METRICS] = Metrics()
+    metrics = Metrics()
+    app[appkeys.METRICS] = metrics
+    app[appkeys.STORE_HEALTH] = StoreHealth("gateway", on_change=metrics.state_store_up.set)
     app[appkeys.QUEUES] = queues
     app[appkeys.POOL] = BackendPool(settings, queue_depths=queues.depths)
     app[appkeys.POLICY] = make_policy(settings.policy, max_wait_s=settings.max_wait_s)
     app[appkeys.TRACKER] = tracker
     app[appkeys.STARTED_AT] = time.time()
-    app[appkeys.LISTEN] = listen or settings.listen
+    app[appkeys.LISTEN] = listen
     app.cleanup_ctx.extend([_fleet_gauges, _static_backends, _client_session, _pool_and_poller])
     _routes(app)
     return app

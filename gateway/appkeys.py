@@ -18,12 +18,14 @@ from gateway.fleet.poller import Poller
 from gateway.fleet.pool import BackendPool
 from gateway.metrics import Metrics
 from gateway.routing.policy import Policy
+from gateway.state.health import StoreHealth
 from gateway.state.memory import StateStore
 
 SETTINGS = web.AppKey("corral_settings", GatewaySettings)
 STORE: web.AppKey[StateStore] = web.AppKey("corral_store")
 KEYS = web.AppKey("corral_keys", ApiKeys)
 METRICS = web.AppKey("corral_metrics", Metrics)
+STORE_HEALTH = web.AppKey("corral_store_health", StoreHealth)
 POOL = web.AppKey("corral_pool", BackendPool)
 QUEUES = web.AppKey("corral_queues", WaitQueues)
 POLICY: web.AppKey[Policy] = web.AppKey("corral_policy")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -120,6 +120,12 @@ class Metrics:
         self.queue_rejections = Counter(
             "corral_queue_rejections", "requests refused with 503 at the gateway queue", ["model", "reason"], registry=r
         )
+        # The one definition of this gauge (gateway/state/health.py sets it): routing goes on
+        # while it is 0, on the records last seen.
+        self.state_store_up = Gauge(
+            "corral_state_store_up", "1 while the state store (Redis) answers, 0 during an outage", registry=r
+        )
+        self.state_store_up.set(1.0)
 
     def attach_fleet(self, collector: FleetCollector) -> None:
         self.registry.register(collector)

@@ -21,6 +21,7 @@ from types import TracebackType
 from aiohttp import web
 
 from gateway.api.auth import ApiKeys, check_listen_allowed, load_keys
+from gateway.api.limits import GuardedSite
 from gateway.app import create_app
 from gateway.appkeys import TRACKER
 from gateway.config import GatewaySettings
@@ -63,7 +64,7 @@ class GatewayServer:
         self.host = host if host is not None else settings.listen_host
         self._requested_port = port if port is not None else settings.listen_port
         self._runner: web.AppRunner | None = None
-        self._site: web.SockSite | None = None
+        self._site: GuardedSite | None = None
         self._app: web.Application | None = None
         self._port = 0
         self._drained: bool | None = None
@@ -106,10 +107,18 @@ class GatewayServer:
         self._app = create_app(self.settings, self.store, keys=self.keys, listen=listen)
         # handler_cancellation: a client that hangs up cancels its handler, which closes the
         # upstream request at once instead of at the next chunk.
-        runner = web.AppRunner(self._app, handler_cancellation=True, shutdown_timeout=CANCEL_GRACE_S, access_log=None)
+        # keepalive_timeout: how long an idle kept-alive client connection stays open (nginx's
+        # keepalive_timeout); the header and connection limits live in GuardedSite's protocol.
+        runner = web.AppRunner(
+            self._app,
+            handler_cancellation=True,
+            shutdown_timeout=CANCEL_GRACE_S,
+            access_log=None,
+            keepalive_timeout=self.settings.keepalive_timeout_s,
+        )
         try:
             await runner.setup()
-            site = web.SockSite(runner, sock)
+            site = GuardedSite(runner, sock, self.settings)
             await site.start()
         except BaseException:
             await runner.cleanup()

@@ -28,8 +28,8 @@ from launcher.facts.strictconf import ConfigError
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Paths that stay open even when keys are configured: liveness probes hit `/` (Ollama's own
-# "Ollama is running"), and it reveals nothing.
-PUBLIC_PATHS: frozenset[str] = frozenset({"/"})
+# "Ollama is running") and readiness probes /api/corral/ready; neither reveals anything.
+PUBLIC_PATHS: frozenset[str] = frozenset({"/", "/api/corral/ready"})
 
 # Routes that change the fleet or expose its internals.
 ADMIN_PATHS: frozenset[str] = frozenset(

@@ -20,6 +20,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway import appkeys
+from gateway.api import bodies
 from gateway.api.admission import QueueFull, QueueTimeout
 from gateway.api.errors import BACKEND_HEADER, error_for
 from gateway.api.fanout import call_all
@@ -42,12 +43,10 @@ class QueueRefused(Exception):
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The whole request body, bounded by the app's client_max_size. Raises BadRequest(413)."""
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.app[appkeys.SETTINGS].max_body_bytes
-        raise BadRequest(413, f"request body too large: the limit is {limit} bytes") from None
+    """The whole request body, decoded, bounded in size and in time (gateway/api/bodies.py).
+    Raises BadRequest (400, 408, 413, 415)."""
+    settings = request.app[appkeys.SETTINGS]
+    return await bodies.read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
 
 
 async def handle_model_call(request: web.Request) -> web.StreamResponse:

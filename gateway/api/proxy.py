@@ -26,6 +26,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.api.accesslog import REQUEST_ID_HEADER, request_id_of
+from gateway.api.bodies import BODY_DECODED
 from gateway.api.errors import (
     BACKEND_HEADER,
     error_shape,
@@ -152,12 +154,17 @@ def connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
 
 def upstream_headers(request: web.Request) -> CIMultiDict[str]:
     drop = DROP_REQUEST_HEADERS | connection_tokens(request.headers)
+    if request.get(BODY_DECODED):  # the body goes on decoded: its old encoding no longer applies
+        drop |= {"content-encoding"}
     headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in drop)
     forwarded_for = request.headers.get("X-Forwarded-For")
     remote = request.remote or ""
     headers["X-Forwarded-For"] = f"{forwarded_for}, {remote}" if forwarded_for else remote
     headers["X-Forwarded-Host"] = request.host
     headers["X-Forwarded-Proto"] = request.scheme
+    request_id = request_id_of(request)
+    if request_id:  # the same id in the backend's logs as in the client's and ours
+        headers[REQUEST_ID_HEADER] = request_id
     return headers
 
 

@@ -18,14 +18,27 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from gateway.fleet.pool import BackendPool
+from gateway.state.health import StoreHealth
 from gateway.state.memory import StateStore
 
 log = logging.getLogger(__name__)
 
+# The longest a request waits for its in-flight increment before going on without it.
+STORE_WAIT_S = 0.5
+
 
 class InFlight:
-    def __init__(self, store: StateStore, pool: BackendPool, on_release: Callable[[str, str], None]) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        pool: BackendPool,
+        on_release: Callable[[str, str], None],
+        store_health: StoreHealth | None = None,
+    ) -> None:
         self._store = store
+        # While the store is down no request waits on it (nor logs about it): the poller's next
+        # successful read brings it back, and counting resumes with the next request.
+        self._health = store_health or StoreHealth("gateway")
         self._pool = pool
         self._on_release = on_release
         self._pending: set[asyncio.Task[None]] = set()
@@ -38,7 +51,9 @@ class InFlight:
         self._pool.touch(backend_id, model)
         incr = asyncio.ensure_future(self._incr(backend_id, model))
         try:
-            await asyncio.shield(incr)
+            # Bounded: a store that hangs must not hold the request (the decrement still waits for
+            # the increment's outcome, so the counts stay balanced).
+            await asyncio.wait([incr], timeout=STORE_WAIT_S)
             yield
         finally:
             self._pool.bump_in_flight(backend_id, model, -1)
@@ -50,10 +65,12 @@ class InFlight:
 
     async def _incr(self, backend_id: str, model: str) -> bool:
         """Count the request in the store; False when the store refused (the mirror still counts)."""
+        if not self._health.up:
+            return False
         try:
             await self._store.incr_in_flight(backend_id, model)
         except Exception as e:  # routing goes on with the local mirror
-            log.warning("<%s> in-flight increment failed: %s", backend_id, e)
+            self._health.failed(e)
             return False
         return True
 
@@ -64,7 +81,7 @@ class InFlight:
         try:
             await self._store.decr_in_flight(backend_id, model)
         except Exception as e:
-            log.warning("<%s> in-flight decrement failed: %s", backend_id, e)
+            self._health.failed(e)
 
     async def settle(self) -> None:
         """Wait for pending decrements (at shutdown, so the store is left balanced)."""

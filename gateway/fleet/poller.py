@@ -20,13 +20,17 @@ import aiohttp
 from gateway.config import GatewaySettings
 from gateway.fleet.modelfacts import facts_from_catalog, facts_from_show
 from gateway.fleet.pool import BackendPool, row_model_name
+from gateway.fleet.records import RecordMemory
 from gateway.metrics import Metrics
+from gateway.state.health import StoreHealth
 from gateway.state.memory import StateStore
 
 log = logging.getLogger(__name__)
 
 # A model whose /api/show failed is asked again after this long.
 FACTS_RETRY_S = 60.0
+# First re-probe delay of a backend that has not answered yet; doubles up to health_interval_s.
+FIRST_PROBE_BACKOFF_S = 0.2
 
 
 class Poller:
@@ -41,6 +45,7 @@ class Poller:
         session: aiohttp.ClientSession,
         metrics: Metrics,
         on_change: Callable[[], None] = lambda: None,
+        store_health: StoreHealth | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
@@ -53,9 +58,12 @@ class Poller:
         self._facts_pending: set[str] = set()
         self._facts_failed_at: dict[str, float] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        # Short: a hung backend must be found out within about one interval plus two timeouts.
         self._check_timeout = aiohttp.ClientTimeout(
-            total=max(2.0, 2 * settings.connect_timeout_s), connect=settings.connect_timeout_s
+            total=settings.health_timeout_s, connect=min(settings.connect_timeout_s, settings.health_timeout_s)
         )
+        self.store_health = store_health or StoreHealth("gateway")
+        self._records = RecordMemory()
 
     async def start(self) -> None:
         await self.sync_records()
@@ -77,7 +85,17 @@ class Poller:
     # -- records ---------------------------------------------------------------------------------
 
     async def sync_records(self) -> None:
-        records = await self.store.list_backends()
+        """Adopt the store's records (see RecordMemory for what a missing one means). Raises the
+        store's error after noting it in `store_health`."""
+        try:
+            records = await self.store.list_backends()
+            generation = await self.store.generation()
+            in_flight = await self.store.in_flight()
+        except Exception as e:
+            self.store_health.failed(e)
+            raise
+        self.store_health.succeeded()
+        records = self._records.merge(records, generation, self.pool.backends)
         changes = self.pool.sync_records(records)
         for backend_id in changes.removed:
             for task in self._tasks.pop(backend_id, []):
@@ -90,7 +108,7 @@ class Poller:
         if self._main is not None:  # after start(): new backends get their first round in their tasks
             for backend_id in changes.added:
                 self._start_tasks(backend_id)
-        self.pool.replace_in_flight(await self.store.in_flight())
+        self.pool.replace_in_flight(in_flight)
         if changes:
             self.on_change()
 
@@ -100,10 +118,10 @@ class Poller:
                 self._start_tasks(backend_id)
         while True:
             await asyncio.sleep(self.settings.poll_interval_s)
-            try:
+            # A store outage (Redis restart) must not stop the gateway: sync_records noted it in
+            # store_health (one warning per outage), and the pool keeps what it last saw.
+            with contextlib.suppress(Exception):
                 await self.sync_records()
-            except Exception as e:  # a store hiccup (Redis restart) must not stop the gateway
-                log.warning("state store read failed: %s", e)
 
     def _start_tasks(self, backend_id: str) -> None:
         self._tasks[backend_id] = [
@@ -140,11 +158,22 @@ class Poller:
         return True
 
     async def _health_loop(self, backend_id: str) -> None:
+        # Until its first success a backend is probed on a short backoff (a static backend that was
+        # not up when the gateway started is in within ~0.2-1 s of coming up, not one interval).
+        backoff_s = FIRST_PROBE_BACKOFF_S
+        ever_healthy = self._healthy(backend_id)
         while True:
             was_healthy = self._healthy(backend_id)
             ok = await self.check(backend_id)
             if ok and not was_healthy and self._healthy(backend_id):
                 await self.poll(backend_id)  # back in: learn what it holds before routing to it
+            ever_healthy = ever_healthy or self._healthy(backend_id)
+            if not ok and self._healthy(backend_id):
+                continue  # a first failure is re-probed at once: a hung backend is out after two
+            if not ever_healthy:
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, self.settings.health_interval_s)
+                continue
             await asyncio.sleep(self.settings.health_interval_s)
 
     def _healthy(self, backend_id: str) -> bool:

@@ -39,6 +39,11 @@ class StateStore(Protocol):
 
     async def in_flight(self) -> dict[str, dict[str, int]]: ...
 
+    async def generation(self) -> str:
+        """An id that changes when the store lost its contents (a Redis restarted empty): readers
+        then treat missing records as not yet re-published rather than removed."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -93,6 +98,9 @@ class MemoryStore:
 
     async def in_flight(self) -> dict[str, dict[str, int]]:
         return {b: dict(m) for b, m in self._in_flight.items() if m}
+
+    async def generation(self) -> str:
+        return "memory"  # lives and dies with its process: never loses its contents under a reader
 
     async def close(self) -> None:
         return None

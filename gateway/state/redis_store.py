@@ -76,6 +76,12 @@ class RedisStore:
     def _inflight_key(self) -> str:
         return self._k("inflight", self._owner)
 
+    async def generation(self) -> str:
+        """The Redis server's run_id: a new one after every restart (which, without persistence,
+        came back empty)."""
+        info = await self._redis.info("server")
+        return str(info.get("run_id", ""))
+
     async def ping(self) -> None:
         """Raise when Redis cannot be reached (for a clear error at start)."""
         await self._redis.ping()

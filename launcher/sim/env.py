@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.config import SimSettings, load_sim_settings
+from launcher.facts.hosts import split_host_port
 from launcher.facts.perf import KV_BYTES_PER_ELEMENT
 from launcher.facts.strictconf import ConfigError, parse_go_duration
 from launcher.gpus.discovery import GpuInfo, simulated_inventory
@@ -119,19 +120,6 @@ def parse_ollama_host(value: str) -> tuple[str, str, int, str]:
     if not 0 <= number <= 65535:
         raise ValueError(f"invalid port {port!r}")
     return scheme, host, number, path
-
-
-def split_host_port(hostport: str) -> tuple[str | None, str]:
-    """Go's net.SplitHostPort: "h:p", "[v6]:p"; anything else is an error (None)."""
-    if hostport.startswith("["):
-        end = hostport.find("]")
-        if end < 0 or hostport[end + 1 : end + 2] != ":":
-            return None, ""
-        return hostport[1:end], hostport[end + 2 :]
-    if hostport.count(":") != 1:
-        return None, ""
-    host, _, port = hostport.partition(":")
-    return host, port
 
 
 def parse_env_duration_s(value: str) -> float:
