@@ -21,12 +21,15 @@ from aiohttp import web
 
 from gateway import appkeys
 from gateway.api import bodies
+from gateway.api.accesslog import note
 from gateway.api.admission import QueueFull, QueueTimeout
-from gateway.api.errors import BACKEND_HEADER, error_for
+from gateway.api.errors import BACKEND_HEADER, error_for, error_text, model_not_found_text
 from gateway.api.fanout import call_all
 from gateway.api.parse import BadRequest, ModelCall, parse_model_call
 from gateway.api.proxy import AttemptFailed, ClientGone, HeldResponse, Outcome, forward
+from gateway.api.timeouts import answer_decode_s, upstream_timeouts
 from gateway.routing.policy import Decision, Reject, RouteRequest, Send, Wait, choose
+from launcher.facts.faults import is_backend_fault
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ async def handle_model_call(request: web.Request) -> web.StreamResponse:
     try:
         body = b"" if path_model is not None else await read_body(request)
         call = parse_model_call(request.path, body, path_model)
+        note(request, model=call.model)
     except BadRequest as e:
         _count(request, "", "", e.status)
         return error_for(request, e.status, e.message)
@@ -134,10 +138,18 @@ async def _route(request: web.Request, call: ModelCall, body: bytes, started_at:
                 return error_for(request, 502, f"{decision.message} (last failure: {last_failure})")
             _count(request, call.model, "", decision.status)
             headers = {"Retry-After": "1"} if decision.status == 503 else None
-            return error_for(request, decision.status, decision.message, headers=headers)
+            message = decision.message
+            if decision.reason == "not_found":  # each route says it its own way, as Ollama does
+                message = model_not_found_text(request.path, call.requested_as)
+            return error_for(request, decision.status, message, headers=headers)
         try:
-            return await _send(request, call, decision.backend_id, body, started_at)
+            return await _send(request, call, decision, body, started_at)
         except AttemptFailed as e:
+            if e.held is not None and not is_backend_fault(e.held.status, error_text(e.held.body, e.held.status)):
+                # The request's own error (a bad option, a template error): every backend would
+                # say the same, so it is passed on once and counts as no failover.
+                _count(request, call.model, e.backend_id, e.held.status)
+                return e.held.to_response()
             held = e.held or held
             last_failure = e.message
             log.warning("<%s> %s %s failed before the first byte: %s", e.backend_id, request.method, request.path, e)
@@ -149,16 +161,22 @@ async def _route(request: web.Request, call: ModelCall, body: bytes, started_at:
                 _count(request, call.model, e.backend_id, 502)
                 return error_for(request, 502, f"backend {e.backend_id} failed: {e.message}")
             retries_left -= 1
+            note(request, retries=settings.retries - retries_left)
             metrics.retries.labels(_model_label(request, call.model)).inc()
             route = replace(route, exclude=route.exclude | {e.backend_id})
 
 
 async def _send(
-    request: web.Request, call: ModelCall, backend_id: str, body: bytes, started_at: float
+    request: web.Request, call: ModelCall, decision: Send, body: bytes, started_at: float
 ) -> web.StreamResponse:
     """One attempt on one backend, counted in flight. Raises AttemptFailed (retry elsewhere)."""
     app = request.app
     pool = app[appkeys.POOL]
+    backend_id = decision.backend_id
+    expected_s = decision.expected_ttft_s
+    if not call.stream:  # the first byte of a whole answer comes after its decode
+        expected_s += answer_decode_s(pool.snapshot(), backend_id, call.model, call.num_predict)
+    bounds = upstream_timeouts(app[appkeys.SETTINGS], expected_s)
     live = pool.get(backend_id)
     if live is None:  # removed between the decision and now
         raise AttemptFailed(backend_id, "backend no longer registered")
@@ -174,8 +192,10 @@ async def _send(
                 backend_id,
                 live.record.url,
                 body,
-                connect_timeout_s=app[appkeys.SETTINGS].connect_timeout_s,
+                connect_timeout_s=bounds.connect_s,
                 started_at=started_at,
+                first_byte_timeout_s=bounds.first_byte_s,
+                idle_timeout_s=bounds.idle_s,
             )
         except AttemptFailed as e:
             if e.connection_failed and pool.mark_failure(backend_id, e.message):

@@ -64,6 +64,7 @@ class ModelCall:
     stream: bool
     prompt_tokens: int
     unload: bool  # empty prompt or messages with keep_alive 0: unload wherever it is loaded
+    num_predict: int = 0  # options.num_predict (max_tokens on /v1) when given: bounds a whole answer's wait
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
@@ -147,4 +148,10 @@ def parse_model_call(path: str, body: bytes, path_model: str | None = None) -> M
         stream=stream,
         prompt_tokens=prompt_bytes // BYTES_PER_TOKEN,
         unload=not openai and _is_unload(kind, data),
+        num_predict=_num_predict(data, options),
     )
+
+
+def _num_predict(data: Mapping[str, Any], options: Mapping[str, Any] | None) -> int:
+    raw = (options or {}).get("num_predict", data.get("max_tokens", data.get("max_completion_tokens")))
+    return int(raw) if isinstance(raw, int | float) and not isinstance(raw, bool) and raw > 0 else 0
