@@ -175,7 +175,13 @@ def build_launches(
     launches = []
     for planned in plan.backends:
         env = backend_env(
-            planned, cfg.launcher, models_dir=models_dir, base_env=os.environ, sim_rig=sim_rig, sim_speed=speed
+            planned,
+            cfg.launcher,
+            models_dir=models_dir,
+            base_env=os.environ,
+            sim_rig=sim_rig,
+            sim_speed=speed,
+            secret_names=frozenset({cfg.gateway.api_keys_env, cfg.gateway.admin_keys_env}),
         )
         launches.append(BackendLaunch(planned, argv, env, host=cfg.launcher.host, log_dir=cfg.launcher.log_dir))
     return launches
