@@ -186,6 +186,10 @@ class Supervisor:
         self._background: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
         self.store_health = StoreHealth("launcher")
+        # While True, ready backends are published as "starting": `corral up` serves at once but
+        # sends no model call to a backend before its planned models are pulled and preloaded
+        # (the gateway queues them as "starting"). end_warming() publishes them ready.
+        self.warming = False
 
     @property
     def processes(self) -> list[BackendProcess]:
@@ -279,12 +283,17 @@ class Supervisor:
             planned_models=planned.model_names,
             store_id=self.store_id,
             default_num_ctx=context_length_of(proc.launch.env),
-            state=record_state(proc.state),
+            state=BackendState.STARTING if self.warming and proc.state == State.READY else record_state(proc.state),
             updated_at=time.time(),
             started_at=proc.started_at if proc.state == State.READY else 0.0,
             restarts=proc.restarts,
             last_error=proc.last_error,
         )
+
+    async def end_warming(self) -> None:
+        """Publish the ready backends as ready (see `warming`)."""
+        self.warming = False
+        await self._publish_all()
 
     def records(self) -> list[BackendRecord]:
         return [self.record(p) for p in self._processes.values()]
