@@ -9,7 +9,8 @@ matched. With `[gateway] access_log = true` each finished request logs one logfm
     bytes=5123 ttfb_ms=812.4 total_ms=2301.7 retries=0 client=127.0.0.1
 
 `model` and `retries` are filled in by the dispatcher (`note()`); `backend` comes from the
-reply's `X-Corral-Backend`; `ttfb_ms` is when the reply's headers went out (the first byte).
+reply's `X-Corral-Backend`; `bytes` counts what went out on the wire, headers included (nginx's
+$bytes_sent); `ttfb_ms` is when the reply's headers went out (the first byte).
 """
 
 from __future__ import annotations
@@ -102,11 +103,12 @@ def access_middleware(enabled: bool) -> Middleware:
         try:
             response = await handler(request)
             status, backend = response.status, response.headers.get(BACKEND_HEADER, "")
-            if response.prepared:
-                size = response.body_length
-            else:  # a whole reply, written after this returns
-                body = getattr(response, "body", None)
-                size = len(body) if isinstance(body, bytes) else 0
+            if enabled and not response.prepared:
+                # Sent here rather than by aiohttp after this returns (which then does nothing more),
+                # so the line has the bytes and the time of the whole reply.
+                await response.prepare(request)
+                await response.write_eof()
+            size = response.body_length
             return response
         except web.HTTPException as e:
             status = e.status

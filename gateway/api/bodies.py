@@ -4,10 +4,12 @@
   the connection is closed after the reply instead of draining a body nobody wants.
 - Each read must arrive within `body_read_timeout_s` of the previous one (nginx's
   client_body_timeout): a client that stops sending mid-body gets 408 instead of holding a handler.
-- `Content-Encoding: gzip` / `deflate` bodies are decoded (bounded by the same size limit, so a
-  small bomb cannot expand into memory) and forwarded decoded, without the header: Ollama reads
-  bodies as plain JSON and answers a compressed one with a 400 that blames the client's JSON.
-  A malformed encoding is the client's error (400); an encoding the gateway cannot decode, 415.
+- Compressed bodies are forwarded decoded, without their Content-Encoding: Ollama reads bodies as
+  plain JSON. aiohttp's server already inflates a single `gzip` or `deflate` (and `br`/`zstd` with
+  their packages) while reading, which is why such a body used to reach the backends decoded but
+  still labelled gzip (500 x 3); its decoding errors are the client's (400). What aiohttp leaves
+  alone (`x-gzip`, a list such as `gzip, identity`) is inflated here, bounded by the same size limit
+  so a small bomb cannot expand into memory; an encoding nobody can decode is refused (415).
 - The JSON itself is parsed strictly by gateway/api/strictjson.py (via parse.parse_body).
 """
 
@@ -17,12 +19,16 @@ import asyncio
 import zlib
 
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from gateway.api.parse import BadRequest
 
 # Set on a request whose body was decoded here: the proxy then drops its Content-Encoding.
 BODY_DECODED = web.RequestKey("corral_body_decoded", bool)
 
+# Content-Encodings aiohttp's server inflates itself while the body is read.
+AIOHTTP_INFLATES: frozenset[str] = frozenset({"gzip", "deflate", "br", "zstd"})
 # wbits for zlib.decompressobj: gzip framing, and zlib framing (HTTP's "deflate").
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
@@ -49,6 +55,9 @@ async def read_raw(request: web.Request, limit: int, read_timeout_s: float) -> b
                 chunk = await request.content.readany()
         except TimeoutError:
             raise BadRequest(408, f"request body not received within {read_timeout_s:g}s") from None
+        except (RequestPayloadError, ContentEncodingError):  # aiohttp could not inflate it
+            encoding = request.headers.get("Content-Encoding", "").strip().lower()
+            raise BadRequest(400, f"invalid {encoding or 'chunked'} request body: it does not decode") from None
         if not chunk:
             return bytes(body)
         body += chunk
@@ -89,9 +98,23 @@ def _inflate(body: bytes, wbits: int, coding: str, limit: int) -> bytes:
 async def read_body(request: web.Request, limit: int, read_timeout_s: float) -> bytes:
     """The body to parse and forward: read (bounded) and decoded. Marks the request BODY_DECODED
     when it had a Content-Encoding, so the proxy forwards the plain bytes without that header."""
+    encoding = request.headers.get("Content-Encoding", "").strip()
+    if encoding and not _inflated_by_aiohttp(encoding):
+        _check_codings(encoding)  # 415 before reading what cannot be decoded
     body = await read_raw(request, limit, read_timeout_s)
-    encoding = request.headers.get("Content-Encoding", "")
-    if encoding.strip():
-        body = decode_content(body, encoding, limit)
+    if encoding:
+        if not _inflated_by_aiohttp(encoding):
+            body = decode_content(body, encoding, limit)
         request[BODY_DECODED] = True
     return body
+
+
+def _inflated_by_aiohttp(encoding: str) -> bool:
+    # http_parser.HttpRequestParser: one of these, exactly (ASCII, any case), is decoded as it is read.
+    return encoding.isascii() and encoding.lower() in AIOHTTP_INFLATES
+
+
+def _check_codings(encoding: str) -> None:
+    for coding in (c.strip().lower() for c in encoding.split(",")):
+        if coding and coding != "identity" and coding not in _WBITS:
+            raise BadRequest(415, f"unsupported Content-Encoding {coding!r}: send gzip, deflate or identity")
