@@ -13,8 +13,8 @@ protocol object, so the gateway serves through `GuardedSite`, whose connections 
   `limits_middleware` answers its request with 503 + `Retry-After` and closes it.
 
 The middleware also refuses an announced `Content-Length` over `max_body_bytes` (413) before the
-handler reads anything, and closes any connection whose body was left unread (408/413), so the
-rest of a refused body is never read.
+handler reads anything, and closes any connection whose body was left unread (408/413) right
+after the reply, so the rest of a refused body is never read.
 """
 
 from __future__ import annotations
@@ -145,11 +145,21 @@ def limits_middleware(settings: GatewaySettings) -> Middleware:
             request, settings.max_body_bytes
         ):
             reply = error_for(request, 413, f"request body too large: the limit is {settings.max_body_bytes} bytes")
-            reply.force_close()  # the body stays unread: the connection cannot carry another request
-            return reply
+            return await _send_and_close(request, reply)
         response = await handler(request)
         if response.status in (408, 413) and not request.content.is_eof():
-            response.force_close()
+            return await _send_and_close(request, response)
         return response
 
     return limits
+
+
+async def _send_and_close(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """Send a refusal whose request body stays unread, then close the connection: it cannot carry
+    another request, and aiohttp would otherwise read the unwanted body for its lingering time
+    (10 s) before closing."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
+    return response
