@@ -14,6 +14,10 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
+# A store that fails again within this long of the last warning is logged at info, not warned
+# about again: a flapping Redis is one outage to whoever reads the log.
+REWARN_AFTER_S = 60.0
+
 
 class StoreHealth:
     """Up/down state of the store, fed by the callers' own store calls.
@@ -26,6 +30,7 @@ class StoreHealth:
         self.who = who
         self.up = True
         self._down_since = 0.0
+        self._warned_at = -REWARN_AFTER_S
         self._on_change = on_change
         self.on_recover: list[Callable[[], None]] = []
         on_change(1.0)
@@ -34,10 +39,15 @@ class StoreHealth:
         if not self.up:
             log.debug("%s: state store still unreachable: %s", self.who, error)
             return
+        now = time.monotonic()
         self.up = False
-        self._down_since = time.monotonic()
         self._on_change(0.0)
-        log.warning("%s: state store unreachable (%s); going on with what was last seen", self.who, error)
+        if now - self._warned_at < REWARN_AFTER_S:  # a relapse right after a recovery: same outage
+            log.info("%s: state store unreachable again (%s)", self.who, error)
+        else:
+            log.warning("%s: state store unreachable (%s); going on with what was last seen", self.who, error)
+            self._warned_at = now
+        self._down_since = now
 
     def succeeded(self) -> bool:
         """Note a successful call. Returns True when this ended an outage."""
