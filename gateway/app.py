@@ -32,7 +32,7 @@ from gateway.api.errors import error_for, method_not_allowed_page, not_found_pag
 from gateway.api.hosts import hosts_middleware
 from gateway.api.lifecycle import RequestTracker
 from gateway.api.limits import limits_middleware
-from gateway.api.ready import ready
+from gateway.api.ready import StartupGate, ready
 from gateway.api.status import status
 from gateway.config import GatewaySettings, StaticBackend
 from gateway.fleet.inflight import InFlight
@@ -222,11 +222,13 @@ def create_app(
     *,
     keys: ApiKeys | None = None,
     listen: str | None = None,
+    starting: bool = False,
 ) -> web.Application:
     """The gateway as an aiohttp Application over `store` (MemoryStore, or a shared RedisStore).
 
     `keys`: the API keys; None reads them as configured (files and environment). `listen`: the
-    address shown in /api/corral/status (default: settings.listen). The store is not closed by
+    address shown in /api/corral/status (default: settings.listen). `starting`: the backends are
+    still being started (see ready.StartupGate; `corral up` ends it). The store is not closed by
     the app: whoever made it closes it. Backends from `settings.backends` are written into the
     store when the app starts.
     """
@@ -257,6 +259,8 @@ def create_app(
     app[appkeys.METRICS] = metrics
     app[appkeys.STORE_HEALTH] = StoreHealth("gateway", on_change=metrics.state_store_up.set)
     app[appkeys.QUEUES] = queues
+    app[appkeys.STARTUP] = StartupGate(starting)
+    app[appkeys.STARTUP].on_end(queues.notify)
     app[appkeys.POOL] = BackendPool(settings, queue_depths=queues.depths)
     app[appkeys.POLICY] = make_policy(settings.policy, max_wait_s=settings.max_wait_s)
     app[appkeys.TRACKER] = tracker

@@ -12,6 +12,7 @@ from aiohttp import web
 from gateway.api.admission import WaitQueues
 from gateway.api.auth import ApiKeys
 from gateway.api.lifecycle import RequestTracker
+from gateway.api.ready import StartupGate
 from gateway.config import GatewaySettings
 from gateway.fleet.inflight import InFlight
 from gateway.fleet.poller import Poller
@@ -26,6 +27,7 @@ STORE: web.AppKey[StateStore] = web.AppKey("corral_store")
 KEYS = web.AppKey("corral_keys", ApiKeys)
 METRICS = web.AppKey("corral_metrics", Metrics)
 STORE_HEALTH = web.AppKey("corral_store_health", StoreHealth)
+STARTUP = web.AppKey("corral_startup", StartupGate)
 POOL = web.AppKey("corral_pool", BackendPool)
 QUEUES = web.AppKey("corral_queues", WaitQueues)
 POLICY: web.AppKey[Policy] = web.AppKey("corral_policy")

@@ -80,6 +80,9 @@ def _count(request: web.Request, model: str, backend_id: str, status: int) -> No
 def _decide(request: web.Request, route: RouteRequest) -> Decision:
     app = request.app
     decision = choose(route, app[appkeys.POOL].snapshot(), app[appkeys.POLICY])
+    if isinstance(decision, Reject) and decision.status in (404, 503) and app[appkeys.STARTUP].active:
+        # `corral up` is still starting backends and pulling models: not an answer yet.
+        decision = Wait("starting", note="the launcher is still starting its backends")
     kind = type(decision).__name__.lower()
     app[appkeys.METRICS].decisions.labels(kind, decision.reason).inc()
     if log.isEnabledFor(logging.DEBUG):  # the explanation is built only for someone reading it

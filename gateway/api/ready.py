@@ -7,10 +7,33 @@ before. It is open to probes (no key, any Host) and reveals only counts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 
 from gateway import appkeys
 from gateway.record import BackendState
+
+
+class StartupGate:
+    """Set while the launcher that runs this gateway (`corral up`) is still starting its backends:
+    a model call that no backend could take yet waits in the queue as "starting" (bounded by
+    queue_timeout_s) instead of getting 503 or, for a model still being pulled, 404."""
+
+    def __init__(self, active: bool = False) -> None:
+        self.active = active
+        self._on_end: list[Callable[[], object]] = []
+
+    def on_end(self, callback: Callable[[], object]) -> None:
+        self._on_end.append(callback)
+
+    def end(self) -> None:
+        """Startup is over: waiting requests decide again, and now get the fleet's real answer."""
+        if not self.active:
+            return
+        self.active = False
+        for callback in self._on_end:
+            callback()
 
 
 async def ready(request: web.Request) -> web.Response:

@@ -335,6 +335,7 @@ async def _up_until_stopped(cfg: CorralConfig, opts: UpOptions, out: ProgressPri
                         return code
                     await publisher.publish_once()  # show the preloaded models' memory at once
                 await sup.end_warming()
+                await gateway.end_startup()
                 return await _serve(cfg, gateway, the_plan, out, stopper)
             finally:
                 await gateway.drain(0.0)  # a no-op after _serve's drain; stops at once on an error path
@@ -406,7 +407,7 @@ async def _preload(
 async def _start_gateway(cfg: CorralConfig, opts: UpOptions, store: StateStore) -> GatewayServer | None:
     from gateway.server import GatewayServer
 
-    gateway = GatewayServer(cfg.gateway, store, host=opts.listen_host, port=opts.listen_port)
+    gateway = GatewayServer(cfg.gateway, store, host=opts.listen_host, port=opts.listen_port, starting=True)
     try:
         await gateway.start()
     except OSError as e:
