@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,13 +12,11 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from launcher.sim.harness import free_port
+
+__all__ = ["free_port", "gateway_process", "stop", "wait_http"]
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http(url: str, timeout_s: float = 30.0, *, log: Path | None = None) -> None:
@@ -41,20 +39,29 @@ def gateway_process(
     policy: str = "residency",
     queue_size: int = 4096,
     extra_lines: Sequence[str] = (),
+    api_keys: Sequence[str] = (),
+    name: str = "gateway",
 ) -> Iterator[str]:
     """`corral gateway` in its own process over `backends` (URLs, 64 slots each) and any backend
-    tables in `extra_lines`; yields its URL once its first polls have landed."""
+    tables in `extra_lines`, requiring one of `api_keys` when given; yields its URL once its first
+    polls have landed. `name` names its config and log files in `workdir`."""
     port = free_port()
-    config = workdir / "gateway.toml"
+    config = workdir / f"{name}.toml"
     lines = ["[gateway]", f'listen = "127.0.0.1:{port}"', f'policy = "{policy}"', f"queue_size = {queue_size}"]
     for url in backends:
         lines += ["[[gateway.backends]]", f'url = "{url}"', "num_parallel = 64"]
     lines += extra_lines
     config.write_text("\n".join(lines) + "\n")
-    log = (workdir / "gateway.log").open("wb")
+    log_path = workdir / f"{name}.log"
+    log = log_path.open("wb")
+    env = dict(os.environ)
+    env.pop("CORRAL_API_KEYS", None)
+    if api_keys:
+        env["CORRAL_API_KEYS"] = ",".join(api_keys)
     proc = subprocess.Popen(
         [sys.executable, "-m", "launcher.commands.cli", "gateway", "--config", str(config)],
         cwd=ROOT,
+        env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -62,7 +69,7 @@ def gateway_process(
     try:
         # The gateway listens only once its first health checks and polls are done, so an answer
         # here means routing already sees what is resident.
-        wait_http(f"http://127.0.0.1:{port}/", log=workdir / "gateway.log")
+        wait_http(f"http://127.0.0.1:{port}/", log=log_path)
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc, signal.SIGTERM, timeout_s=15)

@@ -7,7 +7,8 @@ the same resident model. Three paths, measured side by side in one run, round af
 so that machine noise hits them alike:
   direct   the load generator spreads requests over the two backends itself (client-side round-robin:
            the zero-overhead baseline)
-  gateway  `corral gateway` (its own process) over both backends, policy `residency`
+  gateway  `corral gateway` (its own process) over both backends, policy `residency`, metrics on
+  gateway+auth  the same with API keys required (every request carries `Authorization: Bearer`)
   nginx    nginx round-robin over both backends (when the `nginx` binary is installed)
 Scenarios: small non-streamed /api/chat at concurrency 1, 16 and 64; 64 concurrent streams of 200
 chunks. Reported: requests/s (chunks/s for streams), p50/p99 latency, and the ratios to direct.
@@ -86,12 +87,16 @@ class RunResult:
         return data[min(len(data) - 1, int(q * len(data)))]
 
 
+API_KEY = "sk-bench-overhead"
+HEADERS: dict[str, dict[str, str]] = {"gateway+auth": {"Authorization": f"Bearer {API_KEY}"}}
+
+
 async def run_small(path: str, scenario: str, next_url: Callable[[], str], concurrency: int, total: int) -> RunResult:
     latencies: list[float] = []
     errors = 0
     remaining = total
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(connector=connector, headers=HEADERS.get(path)) as session:
 
         async def worker() -> None:
             nonlocal remaining, errors
@@ -116,7 +121,7 @@ async def run_streams(path: str, next_url: Callable[[], str], streams: int, wave
     chunks = 0
     errors = 0
     connector = aiohttp.TCPConnector(limit=streams)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(connector=connector, headers=HEADERS.get(path)) as session:
 
         async def one() -> None:
             nonlocal chunks, errors
@@ -236,7 +241,7 @@ def render(table: dict[str, dict[str, dict[str, float]]]) -> str:
     ]
     for scenario, paths in table.items():
         direct = paths.get("direct")
-        for path in ("direct", "gateway", "nginx"):
+        for path in ("direct", "gateway", "gateway+auth", "nginx"):
             row = paths.get(path)
             if row is None:
                 continue
@@ -301,10 +306,12 @@ def main(argv: list[str] | None = None) -> int:
                 sim.json("POST", "/api/generate", {"model": MODEL, "prompt": "", "keep_alive": -1})
             backends = [s.url for s in sims]
             gateway_url = stack.enter_context(gateway_process(workdir, backends))
+            auth_url = stack.enter_context(gateway_process(workdir, backends, api_keys=[API_KEY], name="gateway-auth"))
             nginx_url = stack.enter_context(nginx_process(workdir, backends))
             paths: dict[str, Callable[[], str]] = {
                 "direct": round_robin(backends),
                 "gateway": lambda: gateway_url,
+                "gateway+auth": lambda: auth_url,
             }
             if nginx_url:
                 paths["nginx"] = lambda: nginx_url

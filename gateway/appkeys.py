@@ -20,7 +20,7 @@ from gateway.fleet.pool import BackendPool
 from gateway.metrics import Metrics
 from gateway.routing.policy import Policy
 from gateway.state.health import StoreHealth
-from gateway.state.memory import StateStore
+from gateway.state.store import StateStore
 
 SETTINGS = web.AppKey("corral_settings", GatewaySettings)
 STORE: web.AppKey[StateStore] = web.AppKey("corral_store")

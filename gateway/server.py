@@ -26,7 +26,8 @@ from gateway.api.limits import GuardedSite
 from gateway.app import create_app
 from gateway.appkeys import POLLER, STARTUP, TRACKER
 from gateway.config import GatewaySettings
-from gateway.state.memory import StateStore
+from gateway.state.store import StateStore
+from launcher.facts.ollama import host_port
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +93,8 @@ class GatewayServer:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        if host in ("0.0.0.0", "[::]", ""):
-            host = "127.0.0.1"
-        return f"http://{host}:{self._port}"
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host_port(host, self._port)}"
 
     async def start(self) -> None:
         """Check the listen address against the keys (ConfigError for an open non-loopback
@@ -107,7 +106,7 @@ class GatewayServer:
         # Bind first: a taken port fails before anything starts, and port 0 is known to the app.
         sock = bind_socket(self.host, self._requested_port)
         self._port = int(sock.getsockname()[1])
-        listen = f"[{self.host}]:{self._port}" if ":" in self.host else f"{self.host}:{self._port}"
+        listen = host_port(self.host, self._port)
         self._app = create_app(self.settings, self.store, keys=self.keys, listen=listen, starting=self._starting)
         # handler_cancellation: a client that hangs up cancels its handler, which closes the
         # upstream request at once instead of at the next chunk.

@@ -8,13 +8,13 @@ from typing import Any, Literal
 
 from gateway.config import GatewaySettings, gateway_settings_from
 from launcher.facts.cards import card_names, find_card
+from launcher.facts.ollama import env_keep_alive_s
 from launcher.facts.strictconf import (
     KNOWN_SECTIONS,
     ConfigError,
     decode,
     decode_list,
     load_toml,
-    parse_go_duration,
     reject_unknown_sections,
 )
 
@@ -23,11 +23,8 @@ KvCacheType = Literal["f16", "q8_0", "q4_0"]
 
 def check_keep_alive(value: str) -> str | None:
     """OLLAMA_KEEP_ALIVE accepts a Go duration or an integer number of seconds (envconfig.KeepAlive)."""
-    text = value.strip()
-    if text.lstrip("-").isdigit():
-        return None
     try:
-        parse_go_duration(text)
+        env_keep_alive_s(value.strip())
     except ValueError:
         return 'must be a duration like "5m", "24h", "-1" (forever) or "0"'
     return None

@@ -15,7 +15,7 @@ from gateway.api.strictjson import loads_strict
 from gateway.routing.policy import RequestKind
 from gateway.routing.snapshot import LoadOptions
 from launcher.facts.catalog import normalize_name
-from launcher.facts.strictconf import parse_go_duration
+from launcher.facts.ollama import is_zero_keep_alive
 
 # A rough bytes-per-token ratio for prompt-size estimates (English text under BPE vocabularies).
 BYTES_PER_TOKEN = 4
@@ -88,20 +88,6 @@ def _text_size(value: object) -> int:
     if isinstance(value, Mapping):
         return sum(_text_size(value.get(k)) for k in ("content", "text", "input", "prompt", "system"))
     return 0
-
-
-def is_zero_keep_alive(value: object) -> bool:
-    """keep_alive 0 in any of Ollama's spellings (a number of seconds, or a Go duration string)."""
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int | float):
-        return value == 0
-    if isinstance(value, str):
-        try:
-            return parse_go_duration(value) == 0
-        except ValueError:
-            return False
-    return False
 
 
 def _is_unload(kind: RequestKind, data: Mapping[str, Any]) -> bool:

@@ -61,10 +61,11 @@ async def status(request: web.Request) -> web.Response:
     pool = app[appkeys.POOL]
     queued = app[appkeys.QUEUES].depths()
     started_at = app[appkeys.STARTED_AT]
+    gpus: dict[str, Any]
     try:
-        gpus = await app[appkeys.STORE].list_gpus()
+        gpus = {host: [g.to_json() for g in rows] for host, rows in (await app[appkeys.STORE].list_gpus()).items()}
     except Exception as e:  # the rest of the page is still worth showing
-        gpus = {"error": str(e)}  # type: ignore[dict-item]
+        gpus = {"error": str(e)}
     body = {
         "gateway": {
             "version": corral_version(),

@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 
 from gateway.fleet.pool import BackendPool
 from gateway.state.health import StoreHealth
-from gateway.state.memory import StateStore
+from gateway.state.store import StateStore
 
 log = logging.getLogger(__name__)
 

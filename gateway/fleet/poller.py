@@ -23,7 +23,8 @@ from gateway.fleet.pool import BackendPool, row_model_name
 from gateway.fleet.records import RecordMemory
 from gateway.metrics import Metrics
 from gateway.state.health import StoreHealth
-from gateway.state.memory import StateStore
+from gateway.state.store import StateStore
+from launcher.models.show import needs_verbose
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,8 @@ class Poller:
             if live is None:
                 return
             show = await self._get_json(live.record.url + "/api/show", {"model": wire_name})
+            if isinstance(show, dict) and needs_verbose(show):  # per-layer arrays: verbose only
+                show = await self._get_json(live.record.url + "/api/show", {"model": wire_name, "verbose": True})
             facts = facts_from_show(name, show, size) if isinstance(show, dict) else None
             if facts is None:
                 self._facts_failed_at[name] = time.time()

@@ -15,6 +15,7 @@ from typing import Literal
 
 from gateway.record import BackendKind
 from gateway.routing.snapshot import LOAD_OPTION_KEYS, BackendView, LoadOptions, ModelFacts, ResidentModel, Snapshot
+from launcher.facts.ollama import DEFAULT_KEEP_ALIVE_S, default_max_loaded_models
 from launcher.facts.perf import DEFAULT_LOAD_GBPS, PREFILL_COMPUTE_EFFICIENCY, RUNNER_START_S, SINGLE_CARD_FIT_FRACTION
 
 GIB = 1024**3
@@ -23,13 +24,11 @@ GIB = 1024**3
 Route = Literal["resident_free_slot", "resident_queued", "loading", "cold_load", "cold_load_evict"]
 
 # Ollama's defaultModelsPerGPU (server/sched.go): OLLAMA_MAX_LOADED_MODELS=0 means 3 per GPU.
-MODELS_PER_GPU = 3
 # Ollama clamps num_ctx to at least 4 (sched.go getRunner).
 MIN_NUM_CTX = 4
 # The lowest automatic context tier Ollama falls back to after an out-of-memory load.
 AUTO_NUM_CTX_FLOOR = 4096
 # Ollama's default keep_alive (OLLAMA_KEEP_ALIVE=5m): an idle model's expires_at is its last use plus this.
-DEFAULT_KEEP_ALIVE_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ class CostSettings:
     eviction_weight: float = 1.0
     # Each sequence already decoding on a copy makes every token of a newcomer about this much
     # slower (batched decode shares the weight read but not the KV reads or the compute):
-    # launcher.perf has 16 concurrent streams of an 8B on an RTX 4090 at 0.67x a lone stream's rate.
+    # launcher.facts.perf has 16 concurrent streams of an 8B on an RTX 4090 at 0.67x a lone stream's rate.
     batch_slowdown_per_sequence: float = 0.03
 
 
@@ -126,7 +125,7 @@ def num_slots(view: BackendView, facts: ModelFacts | None) -> int:
 def max_loaded_models(view: BackendView) -> int:
     if view.record.max_loaded_models > 0:
         return view.record.max_loaded_models
-    return MODELS_PER_GPU * view.record.gpu_count
+    return default_max_loaded_models(view.record.gpu_count)
 
 
 def default_num_ctx(view: BackendView) -> int:

@@ -60,7 +60,7 @@ RequestKind = Literal["generate", "chat", "embed", "show"]
 class RouteRequest:
     """What the router needs to know about one request.
 
-    `model` is the normalized name (`launcher.catalog.normalize_name`); `requested_as` is the name as
+    `model` is the normalized name (`launcher.facts.catalog.normalize_name`); `requested_as` is the name as
     the client wrote it, used in error texts like Ollama does (defaults to `model`). `kind` "show"
     needs the model installed but never loads it. `exclude` holds backend ids already tried for this
     request: a retry goes elsewhere or is rejected with reason "exhausted". `stream` does not change

@@ -22,7 +22,6 @@ import json
 import logging
 import uuid
 from collections.abc import Sequence
-from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -31,6 +30,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.record import BackendRecord
+from launcher.facts.gpuinfo import PublishedGpu
 
 log = logging.getLogger(__name__)
 
@@ -139,25 +139,29 @@ class RedisStore:
             await self._redis.srem(self._k("backends"), *expired)
         return records
 
-    async def put_gpus(self, host: str, gpus: Sequence[dict[str, Any]], ttl_s: float | None = None) -> None:
+    async def put_gpus(self, host: str, gpus: Sequence[PublishedGpu], ttl_s: float | None = None) -> None:
         px = None if ttl_s is None else max(int(ttl_s * 1000), 1)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(self._k("gpus", host), json.dumps([dict(g) for g in gpus]), px=px)
+            pipe.set(self._k("gpus", host), json.dumps([g.to_json() for g in gpus]), px=px)
             pipe.sadd(self._k("gpu_hosts"), host)
             await pipe.execute()
 
-    async def list_gpus(self) -> dict[str, list[dict[str, Any]]]:
+    async def list_gpus(self) -> dict[str, list[PublishedGpu]]:
         hosts = sorted(str(h) for h in await self._redis.smembers(self._k("gpu_hosts")))
         if not hosts:
             return {}
         values = await self._redis.mget([self._k("gpus", h) for h in hosts])
-        result: dict[str, list[dict[str, Any]]] = {}
+        result: dict[str, list[PublishedGpu]] = {}
         expired = []
         for host, raw in zip(hosts, values, strict=True):
             if raw is None:
                 expired.append(host)
             else:
-                result[host] = json.loads(raw)
+                try:
+                    rows = json.loads(raw)
+                    result[host] = [PublishedGpu.from_json(row, f"{host}.gpus[{i}]") for i, row in enumerate(rows)]
+                except (ValueError, TypeError) as e:  # one host's unreadable inventory hides no other
+                    log.warning("<%s> unreadable GPU inventory skipped: %s", host, e)
         if expired:
             await self._redis.srem(self._k("gpu_hosts"), *expired)
         return result

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,9 @@ from typing import Any
 from gateway.config import GatewaySettings, gateway_settings_from
 from gateway.routing.policy import POLICY_NAMES
 from gateway.server import GatewayServer
-from gateway.state.memory import StateStore, open_store
+from gateway.state.store import StateStore, StoreUnreachable, open_checked_store
 from launcher.facts.strictconf import load_toml
+from launcher.signals import on_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -76,22 +75,15 @@ async def serve(settings: GatewaySettings, store: StateStore, stop: asyncio.Even
 
 
 async def _main(settings: GatewaySettings) -> int:
-    store = open_store(settings.state, settings.redis_url)
-    ping = getattr(store, "ping", None)  # a shared store: fail now, clearly, if it is unreachable
-    if ping is not None:
-        try:
-            await ping()
-        except Exception as e:
-            await store.close()
-            print(f"corral: cannot reach the state store at {settings.redis_url}: {e}", file=sys.stderr)
-            return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
     try:
-        await serve(settings, store, stop)
+        store = await open_checked_store(settings.state, settings.redis_url)
+    except StoreUnreachable as e:
+        print(f"corral: {e}", file=sys.stderr)
+        return 1
+    stop = asyncio.Event()
+    try:
+        with on_stop_signals(lambda _sig: stop.set()):
+            await serve(settings, store, stop)
     except OSError as e:
         print(f"corral: cannot listen on {settings.listen}: {e.strerror or e}", file=sys.stderr)
         return 1

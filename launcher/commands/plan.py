@@ -4,7 +4,7 @@ Prints the rig line, the cards (VRAM planned / free, the backend and port each o
 models on each backend (context, VRAM, expected tokens/s, the reason for the choice), then warnings,
 the candidates turned down ("why not elsewhere") and a one-line summary per model. Errors (a model
 that fits nowhere, an impossible pin) go to stderr and make the exit status 1; a config error is
-one line and exit status 2 (launcher.cli). `--json` prints the whole plan and the rig for scripts.
+one line and exit status 2 (launcher.commands.cli). `--json` prints the whole plan and the rig for scripts.
 """
 
 from __future__ import annotations

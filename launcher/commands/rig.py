@@ -130,7 +130,7 @@ def resolve_rig(cfg: CorralConfig, *, discover: Discover | None = None, which: W
 
 def model_specs(cfg: CorralConfig) -> list[ModelRequest]:
     """The planner's input for every `[[models]]` entry: facts from the model store's GGUF header,
-    else the built-in catalog (launcher.modelinfo). An unknown model is a ConfigError naming it."""
+    else the built-in catalog (launcher.models.resolve). An unknown model is a ConfigError naming it."""
     models_dir = resolve_models_dir(cfg.launcher.models_dir, cfg.source or None)
     requests = []
     for i, entry in enumerate(cfg.models):

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config import load_config
+from launcher.facts.ollama import host_port
 
 DEFAULT_URL = "http://127.0.0.1:11434"
 STATUS_PATH = "/api/corral/status"
@@ -47,9 +48,7 @@ def gateway_url(args: argparse.Namespace) -> str:
     host = settings.listen_host
     if host in ("", "0.0.0.0", "::"):
         host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{settings.listen_port}"
+    return f"http://{host_port(host, settings.listen_port)}"
 
 
 class StatusError(Exception):

@@ -8,7 +8,7 @@ after stop_timeout_s) -> exit 0.
 
 Exit status: 0 after a signal-initiated shutdown (also during startup), 1 when the plan has errors,
 a backend cannot start, the gateway cannot listen, the shared state store does not answer, or (with
---strict) a model cannot be preloaded; 2 for a config error (one line, from launcher.cli). What can
+--strict) a model cannot be preloaded; 2 for a config error (one line, from launcher.commands.cli). What can
 be checked before anything starts is checked first (the gateway's address, the store). Progress
 goes to stdout; logs to stderr.
 """
@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -32,7 +32,7 @@ import aiohttp
 
 from gateway.api.auth import check_listen_allowed, load_keys
 from gateway.config import GatewaySettings
-from gateway.state.memory import StateStore, open_store
+from gateway.state.store import StateStore, StoreUnreachable, open_checked_store
 from launcher.commands.rig import Rig, model_specs, resolve_rig
 from launcher.config import CorralConfig, load_config
 from launcher.facts.catalog import normalize_name
@@ -40,6 +40,7 @@ from launcher.facts.strictconf import ConfigError
 from launcher.gpus.publish import GpuPublisher, Refresh, nvml_refresh, sim_refresh
 from launcher.planner.placement import Plan
 from launcher.planner.plan import plan as make_plan
+from launcher.signals import on_stop_signals
 from launcher.supervise.childproc import SpawnError, port_in_use
 from launcher.supervise.env import backend_env, check_env_overrides, resolve_models_dir
 from launcher.supervise.preload import PreloadTarget, ProgressPrinter, preload
@@ -53,7 +54,6 @@ T = TypeVar("T")
 # Records in a shared store (Redis) expire this long after the launcher stops heartbeating them,
 # so a launcher that died takes its backends out of every gateway's routing.
 SHARED_RECORD_TTL_S = 15.0
-STORE_PING_TIMEOUT_S = 10.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--speed", type=float, default=None, help="simulated rig only: time factor (overrides CORRAL_SIM_SPEED)"
     )
     parser.add_argument("--listen", default=None, help="gateway address HOST:PORT (overrides [gateway].listen)")
+    parser.add_argument(
+        "--base-port",
+        type=int,
+        default=None,
+        help="first backend port; backends take consecutive ports from here (overrides [launcher].base_port)",
+    )
 
 
 @dataclass(frozen=True)
@@ -96,8 +102,17 @@ def options_from(args: argparse.Namespace, cfg: CorralConfig) -> UpOptions:
     )
 
 
+def with_base_port(cfg: CorralConfig, base_port: int | None) -> CorralConfig:
+    """The config with `--base-port` applied, checked like `[launcher].base_port`."""
+    if base_port is None:
+        return cfg
+    if not 1024 <= base_port <= 65000:
+        raise ConfigError("--base-port", f"must be between 1024 and 65000, got {base_port}")
+    return replace(cfg, launcher=replace(cfg.launcher, base_port=base_port))
+
+
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+    cfg = with_base_port(load_config(args.config), args.base_port)
     check_env_overrides(cfg.launcher)
     opts = options_from(args, cfg)
     return asyncio.run(_up(cfg, opts, ProgressPrinter(sys.stdout)))
@@ -113,19 +128,14 @@ class Stopper:
     def __init__(self, out: ProgressPrinter) -> None:
         self.out = out
         self.event = asyncio.Event()
-        self._installed: list[signal.Signals] = []
+        self._signals = on_stop_signals(self._on_signal)
 
     def __enter__(self) -> Stopper:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, sig)
-            self._installed.append(sig)
+        self._signals.__enter__()
         return self
 
-    def __exit__(self, *_: object) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in self._installed:
-            loop.remove_signal_handler(sig)
+    def __exit__(self, *exc: object) -> None:
+        self._signals.__exit__(None, None, None)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self.event.is_set():
@@ -190,29 +200,12 @@ def build_launches(
     return launches
 
 
-class StoreUnreachable(Exception):
-    """The shared state store does not answer; `str()` is the line to print."""
-
-
 async def open_shared_store(settings: GatewaySettings) -> tuple[StateStore, float | None]:
-    """The state store the supervisor publishes to and the gateway reads, and the record TTL.
-
-    A shared store (Redis) is pinged first, so an unreachable one is one clear line before
-    anything starts, not a traceback from the first record published. Raises StoreUnreachable.
-    """
-    store = open_store(settings.state, settings.redis_url)
-    ping = getattr(store, "ping", None)
-    if ping is None:
-        return store, None
-    try:
-        await asyncio.wait_for(ping(), STORE_PING_TIMEOUT_S)
-    except BaseException as e:
-        await store.close()
-        if not isinstance(e, Exception):
-            raise  # cancelled: a stop signal came first
-        reason = str(e) or f"no answer within {STORE_PING_TIMEOUT_S:g}s"
-        raise StoreUnreachable(f"cannot reach the state store at {settings.redis_url}: {reason}") from None
-    return store, SHARED_RECORD_TTL_S
+    """The state store the supervisor publishes to and the gateway reads, and the record TTL
+    (records in a shared store expire; in memory they live as long as this process). Raises
+    StoreUnreachable."""
+    store = await open_checked_store(settings.state, settings.redis_url)
+    return store, (SHARED_RECORD_TTL_S if settings.state == "redis" else None)
 
 
 def ready_lines(url: str, plan: Plan, proxy_host: str) -> list[str]:

@@ -316,7 +316,3 @@ for _spec in CATALOG:
 def find_model(name: str) -> ModelSpec | None:
     """The catalog entry for a model name (with or without tag); None when unknown."""
     return _BY_NAME.get(normalize_name(name))
-
-
-def catalog_names() -> list[str]:
-    return [m.name for m in CATALOG]

@@ -1,6 +1,7 @@
 """The GPU inventory row, `GpuInfo`, and its JSON form (state store, `corral status`, fixtures).
 
-Import these from `launcher.gpus`, which re-exports them beside discovery.
+`PublishedGpu` is the typed contract between a launcher that publishes its cards into the state
+store and the gateway that reads them back (`StateStore.put_gpus` / `list_gpus`).
 """
 
 from __future__ import annotations
@@ -119,3 +120,27 @@ def inventory_from_json(rows: Sequence[Any]) -> list[GpuInfo]:
         values["extra"] = {str(k): str(v) for k, v in row.get("extra", {}).items()}
         gpus.append(GpuInfo(**values))
     return gpus
+
+
+@dataclass(frozen=True)
+class PublishedGpu:
+    """One card as a launcher publishes it: the inventory row and the backend that uses it."""
+
+    gpu: GpuInfo
+    backend: str = ""  # the backend id whose CUDA_VISIBLE_DEVICES holds this card; "" when unused
+
+    def to_json(self) -> dict[str, Any]:
+        """`inventory_to_json`'s row with a "backend" key (what `/api/corral/status` shows)."""
+        return inventory_to_json([self.gpu])[0] | {"backend": self.backend}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "gpu") -> PublishedGpu:
+        """Inverse of `to_json`. Raises ValueError naming the bad key."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected an object, got {data!r}")
+        row = dict(data)
+        backend = str(row.pop("backend", "") or "")
+        try:
+            return cls(inventory_from_json([row])[0], backend)
+        except ValueError as e:
+            raise ValueError(str(e).replace("gpus[0]", where, 1)) from None

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import sys
 import types
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
+
+from launcher.facts.ollama import parse_go_duration
 
 if sys.version_info >= (3, 11):  # noqa: UP036 - tomli serves Python < 3.11
     import tomllib
@@ -62,36 +63,6 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError("", f"cannot read: {e.strerror}", source=str(p)) from None
 
 
-_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-
-
-def parse_go_duration(text: str) -> float:
-    """Seconds in a Go `time.ParseDuration` string ("1h30m", "-5m", "250ms", "0").
-
-    Raises ValueError for anything Go would reject, such as a bare number other than 0.
-    """
-    s = text.strip()
-    if not s:
-        raise ValueError("empty duration")
-    sign = 1.0
-    if s[0] in "+-":
-        sign = -1.0 if s[0] == "-" else 1.0
-        s = s[1:]
-    if s == "0":
-        return 0.0
-    pos, total = 0, 0.0
-    while pos < len(s):
-        m = _DURATION_PART.match(s, pos)
-        if not m:
-            raise ValueError(f"invalid duration {text!r}")
-        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-        pos = m.end()
-    if pos == 0:
-        raise ValueError(f"invalid duration {text!r}")
-    return sign * total
-
-
 def duration_seconds(value: object) -> float:
     """A config duration: a number of seconds or a Go duration string."""
     if isinstance(value, bool):
@@ -99,7 +70,7 @@ def duration_seconds(value: object) -> float:
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
-        seconds = parse_go_duration(value)
+        seconds = parse_go_duration(value.strip())
     else:
         raise ValueError("expected a duration")
     if not math.isfinite(seconds):  # TOML's nan and inf: no timer can use them

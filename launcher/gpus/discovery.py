@@ -1,8 +1,8 @@
 """GPU inventory: what the planner knows about each card. The only module that imports pynvml.
 
 `GpuInfo` is the inventory row. `simulated_inventory` builds one from the config's `[sim]` section;
-`discover` asks NVML (through `launcher.nvmlprobe`), honouring CUDA_VISIBLE_DEVICES like the CUDA
-runtime does (`launcher.cudavisible`). `inventory_to_json` / `inventory_from_json` carry an inventory
+`discover` asks NVML (through `launcher.gpus.nvmlprobe`), honouring CUDA_VISIBLE_DEVICES like the CUDA
+runtime does (`launcher.gpus.cudavisible`). `inventory_to_json` / `inventory_from_json` carry an inventory
 through the state store and `corral status`. `python -m launcher.gpus` prints what NVML sees
 (`--json`, or `--record` for a raw recording that becomes a test fixture).
 """
@@ -290,7 +290,7 @@ def discover(visible_devices: str | None = None, nvml: Any = None) -> list[GpuIn
 
 
 def read_facts(nvml: Any = None) -> Facts:
-    """NVML's raw facts (see launcher.nvmlprobe). Raises NvmlUnavailable."""
+    """NVML's raw facts (see launcher.gpus.nvmlprobe). Raises NvmlUnavailable."""
     nvml = load_nvml() if nvml is None else nvml
     try:
         return read_nvml_facts(nvml)

@@ -17,8 +17,8 @@ from typing import Any
 
 import aiohttp
 
-from gateway.state.memory import StateStore
-from launcher.gpus.discovery import GpuInfo, inventory_to_json
+from gateway.state.store import StateStore
+from launcher.facts.gpuinfo import GpuInfo, PublishedGpu
 
 log = logging.getLogger("launcher.gpus.publish")
 
@@ -26,12 +26,9 @@ Refresh = Callable[[], Awaitable[Sequence[GpuInfo]]]
 _SIM_TIMEOUT = aiohttp.ClientTimeout(total=5.0)
 
 
-def gpu_rows(gpus: Sequence[GpuInfo], backend_of: Mapping[str, str]) -> list[dict[str, Any]]:
-    """Inventory rows as stored: GpuInfo's JSON form plus the id of the backend using each card."""
-    rows = inventory_to_json(gpus)
-    for row in rows:
-        row["backend"] = backend_of.get(str(row["uuid"]), "")
-    return rows
+def gpu_rows(gpus: Sequence[GpuInfo], backend_of: Mapping[str, str]) -> list[PublishedGpu]:
+    """The inventory as published: each card with the id of the backend using it."""
+    return [PublishedGpu(gpu, backend_of.get(gpu.uuid, "")) for gpu in gpus]
 
 
 def merge_memory(gpus: Sequence[GpuInfo], fresh: Sequence[GpuInfo]) -> list[GpuInfo]:

@@ -5,7 +5,7 @@ infos | padding | tensor data`. The reader stops after the tensor infos, so a 40
 in the time it takes to walk its key/values; arrays longer than `max_array_items` (the tokenizer's
 128k tokens and 280k merges) are skipped and kept as a `GGUFArray` that knows only its type and length.
 
-Callers import from `launcher.gguf`, which re-exports this module and the writer (`launcher.ggufwrite`)
+Callers import from `launcher.models.gguf`, which re-exports this module and the writer (`launcher.ggufwrite`)
 beside the ModelSpec mapping.
 """
 

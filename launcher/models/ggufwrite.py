@@ -1,7 +1,7 @@
 """GGUF writing: a valid GGUF v3 file holding only key/values (zero tensors).
 
 That is what the simulated store's model blobs contain, so the launcher reads facts the same way
-from a real store and a simulated one. Callers import from `launcher.gguf`.
+from a real store and a simulated one. Callers import from `launcher.models.gguf`.
 """
 
 from __future__ import annotations

@@ -2,12 +2,12 @@
 
 1. "store": the Ollama store (OLLAMA_MODELS). The manifest's model layer gives the file size (its
    declared `size`, which is also right for the simulated store's metadata-only blobs) and the blob's
-   GGUF header gives the architecture (launcher.gguf).
+   GGUF header gives the architecture (launcher.models.gguf).
 2. "api-show": a running backend's `/api/show` (model_info holds the GGUF key/values, tensors their
    shapes) plus `/api/tags` for the size. Ollama leaves arrays out of a non-verbose show (they come
    back null), so the vocabulary is read from the token-embedding tensor's shape, and per-layer head
    counts trigger one verbose request.
-3. "catalog": launcher.catalog's built-in table.
+3. "catalog": launcher.facts.catalog's built-in table.
 
 A source that cannot answer is skipped, and why is kept; a model no source knows raises `ModelUnknown`
 naming the model and everything tried.
@@ -16,7 +16,6 @@ naming the model and everything tried.
 from __future__ import annotations
 
 import json
-import math
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -24,7 +23,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from launcher.facts.catalog import ModelSpec, find_model, normalize_name
-from launcher.models.gguf import GGUFError, GGUFFile, read_gguf, spec_from_gguf
+from launcher.models.gguf import GGUFError, read_gguf, spec_from_gguf
+from launcher.models.show import ShowIncomplete, needs_verbose, spec_from_show
 from launcher.models.store import InvalidDigest, ModelStore
 
 ModelSource = Literal["store", "api-show", "catalog"]
@@ -97,28 +97,6 @@ def _request(url: str, body: dict[str, Any] | None, timeout_s: float) -> Any:
         raise _SourceFailed(f"{url} answered something that is not JSON") from None
 
 
-def _show_header(show: dict[str, Any]) -> GGUFFile:
-    """The show answer as a parsed GGUF header: key/values without Ollama's nulled arrays, tensor counts."""
-    model_info = show.get("model_info")
-    if not isinstance(model_info, dict):
-        raise _SourceFailed("its /api/show answer has no model_info")
-    metadata = {key: value for key, value in model_info.items() if value is not None}
-    tensors = [t for t in show.get("tensors") or [] if isinstance(t, dict)]
-    parameter_count = expert_parameter_count = 0
-    for tensor in tensors:
-        elements = math.prod(int(d) for d in tensor.get("shape") or [])
-        parameter_count += elements
-        if "_exps" in str(tensor.get("name", "")):
-            expert_parameter_count += elements
-    arch = metadata.get("general.architecture")
-    vocab_key = f"{arch}.vocab_size"
-    if vocab_key not in metadata:
-        embedding = next((t for t in tensors if t.get("name") == "token_embd.weight"), None)
-        if embedding and len(embedding.get("shape") or []) == 2:
-            metadata[vocab_key] = int(embedding["shape"][1])  # [embedding_length, vocabulary]
-    return GGUFFile(0, "<", metadata, len(tensors), parameter_count, expert_parameter_count, 0)
-
-
 def _tags_size(base_url: str, name: str, timeout_s: float) -> int:
     tags = _request(f"{base_url}/api/tags", None, timeout_s)
     wanted = normalize_name(name).lower()
@@ -137,18 +115,13 @@ def _from_api_show(name: str, show_url: str, timeout_s: float) -> tuple[ModelSpe
     show = _request(url, {"model": name}, timeout_s)
     if not isinstance(show, dict):
         raise _SourceFailed(f"{url} answered something that is not an object")
-    model_info = show.get("model_info") or {}
-    arch = model_info.get("general.architecture")
-    per_layer = [f"{arch}.attention.head_count", f"{arch}.attention.head_count_kv"]
-    if any(key in model_info and model_info[key] is None for key in per_layer):
-        # Per-layer arrays: only a verbose show includes them.
+    if needs_verbose(show):
         show = _request(url, {"model": name, "verbose": True}, timeout_s)
-    header = _show_header(show)
     size_bytes = _tags_size(base_url, name, timeout_s)
     try:
-        return spec_from_gguf(header, name=name, file_size_bytes=size_bytes), url
-    except GGUFError as exc:
-        raise _SourceFailed(f"{url} model_info incomplete: {exc}") from None
+        return spec_from_show(name, show, size_bytes), url
+    except ShowIncomplete as exc:
+        raise _SourceFailed(f"{url}: {exc}") from None
 
 
 # ------------------------------------------------------------------------------------------------ public

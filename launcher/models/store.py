@@ -28,6 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from launcher.facts.names import DEFAULT_HOST, DEFAULT_NAMESPACE, ModelName
+
 MEDIA_TYPE_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 MEDIA_TYPE_CONFIG = "application/vnd.docker.container.image.v1+json"
 MEDIA_TYPE_MODEL = "application/vnd.ollama.image.model"
@@ -39,16 +41,11 @@ MEDIA_TYPE_MESSAGES = "application/vnd.ollama.image.messages"
 MEDIA_TYPE_PROJECTOR = "application/vnd.ollama.image.projector"
 MEDIA_TYPE_ADAPTER = "application/vnd.ollama.image.adapter"
 
-DEFAULT_HOST = "registry.ollama.ai"
-DEFAULT_NAMESPACE = "library"
-DEFAULT_TAG = "latest"
-
 # Ollama's PruneLayers skips blobs younger than this: they may belong to another process that has
 # not written its manifest yet (server/images.go layerPruneGracePeriod).
 PRUNE_GRACE_S = 3600.0
 
 _DIGEST = re.compile(r"^sha256[:-]([0-9a-fA-F]{64})$")
-_MISSING = "!MISSING!"
 
 
 class InvalidDigest(ValueError):
@@ -57,96 +54,6 @@ class InvalidDigest(ValueError):
     def __init__(self, digest: str) -> None:
         super().__init__("invalid digest format")
         self.digest = digest
-
-
-# ---------------------------------------------------------------------------------------------
-# Names (types/model/name.go)
-
-
-def _valid_part(kind: str, s: str) -> bool:
-    if not 1 <= len(s) <= (350 if kind == "host" else 80):
-        return False
-    for i, ch in enumerate(s):
-        alnum = ch.isascii() and (ch.isalnum() or ch == "_")
-        if i == 0:
-            if not alnum:
-                return False
-        elif ch in "_-":
-            continue
-        elif ch == ".":
-            if kind == "namespace":
-                return False
-        elif ch == ":":
-            if kind != "host":
-                return False
-        elif not alnum:
-            return False
-    return True
-
-
-def _cut_promised(s: str, sep: str) -> tuple[str, str, bool]:
-    i = s.rfind(sep)
-    if i < 0:
-        return s, "", False
-    return s[:i] or _MISSING, s[i + 1 :] or _MISSING, True
-
-
-@dataclass(frozen=True)
-class ModelName:
-    """A model name in Ollama's four parts; `parse` fills the defaults like model.ParseName."""
-
-    host: str
-    namespace: str
-    model: str
-    tag: str
-
-    @classmethod
-    def parse(cls, text: str) -> ModelName:
-        """Parse `[host/][namespace/]model[:tag]`; check `is_valid` before using the result."""
-        s = text.strip()
-        host = namespace = tag = ""
-        if s.rfind(":") > s.rfind("/"):
-            s, tag, _ = _cut_promised(s, ":")
-        s, model, promised = _cut_promised(s, "/")
-        if not promised:
-            model = s
-        else:
-            s, namespace, promised = _cut_promised(s, "/")
-            if not promised:
-                namespace = s
-            else:
-                host = s.split("://", 1)[1] if "://" in s else s
-        return cls(host or DEFAULT_HOST, namespace or DEFAULT_NAMESPACE, model, tag or DEFAULT_TAG)
-
-    @property
-    def is_valid(self) -> bool:
-        return (
-            _valid_part("host", self.host)
-            and _valid_part("namespace", self.namespace)
-            and _valid_part("model", self.model)
-            and _valid_part("tag", self.tag)
-        )
-
-    @property
-    def display(self) -> str:
-        """The shortest name Ollama shows (`DisplayShortest`): "llama3.1:8b", "user/m:tag", "h/ns/m:tag"."""
-        if self.host.lower() != DEFAULT_HOST:
-            return f"{self.host}/{self.namespace}/{self.model}:{self.tag}"
-        if self.namespace.lower() != DEFAULT_NAMESPACE:
-            return f"{self.namespace}/{self.model}:{self.tag}"
-        return f"{self.model}:{self.tag}"
-
-    @property
-    def full(self) -> str:
-        return f"{self.host}/{self.namespace}/{self.model}:{self.tag}"
-
-    @property
-    def relpath(self) -> Path:
-        return Path(self.host, self.namespace, self.model, self.tag)
-
-    def key(self) -> tuple[str, str, str, str]:
-        """Case-insensitive identity (Ollama resolves names against the store ignoring case)."""
-        return (self.host.lower(), self.namespace.lower(), self.model.lower(), self.tag.lower())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """The planner's filters for one backend: do these models fit these cards, and will Ollama keep them loaded?
 
 `evaluate(budgets, copies, settings)` places every model of a (candidate) backend on its cards with
-`launcher.perf.split_layers`, in priority order, each one seeing the memory the ones before it left
+`launcher.facts.perf.split_layers`, in priority order, each one seeing the memory the ones before it left
 (llama.cpp splits a model by the free memory of each device at load time), and then applies Ollama's
 own admission rule. It returns the placements, or the first reason it fails, worded for `corral plan`.
 
-Memory is counted with `launcher.perf`'s estimate (weights + KV cache + compute graph + Ollama's
+Memory is counted with `launcher.facts.perf`'s estimate (weights + KV cache + compute graph + Ollama's
 per-card minimum), which is Ollama's own pre-load estimate, against each card's *usable* memory:
 free memory minus the reserve chosen in `[launcher]` (see `card_budgets`).
 """

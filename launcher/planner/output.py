@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from gateway.record import BackendKind
 from launcher.config import LauncherSettings
+from launcher.facts.ollama import default_max_loaded_models
 from launcher.facts.perf import tokens_per_second
 from launcher.planner.fit import CardBudget, Evaluation, FittedCopy, evaluate, gib, relative_speed, requested_parallel
 from launcher.planner.placement import Plan, PlannedBackend, PlannedModel, Rejection
@@ -55,7 +56,7 @@ def build_plan(
                 vram_planned_bytes=sum(m.vram_bytes for m in models),
                 num_parallel=ev.num_parallel,
                 # Ollama's default is 3 per GPU; never fewer than the models planned here.
-                max_loaded_models=settings.max_loaded_models or max(3 * max(len(cards), 1), len(models)),
+                max_loaded_models=settings.max_loaded_models or max(default_max_loaded_models(len(cards)), len(models)),
                 speed=round(relative_speed(ev.fitted[0].placement), 3),
                 models=models,
                 reason=_backend_reason(d, cards),

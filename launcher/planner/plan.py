@@ -3,7 +3,7 @@
 `plan(gpus, models, settings) -> Plan` is a filter -> score -> pick pipeline run once per model copy:
 candidate slots (a card of its own, a card shared with other models, a group of cards for a split,
 partial CPU offload) are ranked by the scorers below, each is checked by the filters in
-`launcher.planner_fit` (memory at the planned context, Ollama's 80 % admission rule,
+`launcher.planner.fit` (memory at the planned context, Ollama's 80 % admission rule,
 OLLAMA_MAX_LOADED_MODELS) and by a look-ahead (would it leave the models after it with no room?),
 and the first that passes wins. Every candidate turned down before the pick becomes a `Rejection`.
 
@@ -19,7 +19,7 @@ Assumptions, each one a decision `corral plan` shows:
   the same after an out-of-memory load), so the supervisor must pass the planned `num_ctx`.
   Every copy of a model gets the same context, so the gateway can send any request to any copy
   without forcing a reload.
-- Memory: launcher.perf's estimate (weights + KV at num_ctx x num_parallel + graph + Ollama's
+- Memory: launcher.facts.perf's estimate (weights + KV at num_ctx x num_parallel + graph + Ollama's
   per-card minimum) against free memory minus the reserve (`planner_fit.card_budgets`). With
   reserve = "ollama" nothing more is kept back, because the graph and minimum are already counted;
   what Ollama adds on top is its admission rule: with other models loaded it loads a new one only

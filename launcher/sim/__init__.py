@@ -2,7 +2,7 @@
 
 `corral-sim serve` (cli.py -> server.py) reads `ollama serve`'s environment (env.py) and serves the
 app built in app.py: Ollama's routes and gin's middleware behaviour, over a `SimService`
-(service.py) that holds the model store (launcher/store.py), the scheduler and the pulls.
+(service.py) that holds the model store (launcher/models/store.py), the scheduler and the pulls.
 
     scheduler.py, runner.py   loading, eviction, keep-alive, queueing: Ollama's server/sched.go rules
     engine.py                 continuous batching: tokens at the performance model's pace

@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from launcher.facts.names import ModelName
 from launcher.models.gguf import (
     GGUFError,
     encode_gguf_metadata,
@@ -38,7 +39,6 @@ from launcher.models.store import (
     MEDIA_TYPE_TEMPLATE,
     InvalidDigest,
     Layer,
-    ModelName,
     digest_of,
 )
 from launcher.sim.gojson import CREATE_REQUEST, json_kind

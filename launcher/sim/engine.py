@@ -1,8 +1,8 @@
 """Continuous batching on one loaded model: the sequences decoding together slow each other down.
 
 Each wake-up of the engine evaluates the prompts of newly joined sequences (compute bound, from
-`launcher.perf.prefill_s`), then runs decode steps that each give every active sequence one token;
-a step's time comes from `launcher.perf.decode_step_s` with the batch size and the mean context, so
+`launcher.facts.perf.prefill_s`), then runs decode steps that each give every active sequence one token;
+a step's time comes from `launcher.facts.perf.decode_step_s` with the batch size and the mean context, so
 four parallel requests each see a lower token rate than one alone, as on a real card. Waits are
 simulated time (`Clock.sleep`). At high speed factors one wake-up covers several steps (enough to
 last a couple of wall milliseconds), which keeps the event loop's overhead per token small without

@@ -19,13 +19,18 @@ from pathlib import Path
 
 from launcher.config import SimSettings, load_sim_settings
 from launcher.facts.hosts import split_host_port
+from launcher.facts.ollama import (
+    DEFAULT_KEEP_ALIVE_S,
+    default_max_loaded_models,
+    env_keep_alive_s,
+    env_uint,
+    env_var,
+)
 from launcher.facts.perf import KV_BYTES_PER_ELEMENT
-from launcher.facts.strictconf import ConfigError, parse_go_duration
+from launcher.facts.strictconf import ConfigError
 from launcher.gpus.discovery import GpuInfo, simulated_inventory
 
 GIB = 1024**3
-FOREVER_S = math.inf  # keep_alive < 0: Ollama stores MaxInt64 nanoseconds
-DEFAULT_KEEP_ALIVE_S = 300.0
 
 
 class EnvError(Exception):
@@ -62,7 +67,7 @@ class ServeSettings:
     @property
     def max_runners(self) -> int:
         """OLLAMA_MAX_LOADED_MODELS, or the automatic 3 x visible cards (3 on CPU)."""
-        return self.max_loaded_models or 3 * max(len(self.cards), 1)
+        return self.max_loaded_models or default_max_loaded_models(len(self.cards))
 
     @property
     def default_num_ctx(self) -> int:
@@ -79,11 +84,6 @@ class ServeSettings:
     @property
     def host_mem_bytes(self) -> int:
         return int(self.rig.host_mem_gb * GIB)
-
-
-def env_var(environ: Mapping[str, str], key: str) -> str:
-    """envconfig.Var: the value trimmed of surrounding spaces, then of surrounding quotes."""
-    return environ.get(key, "").strip().strip("\"'")
 
 
 def parse_ollama_host(value: str) -> tuple[str, str, int, str]:
@@ -122,25 +122,14 @@ def parse_ollama_host(value: str) -> tuple[str, str, int, str]:
     return scheme, host, number, path
 
 
-def parse_env_duration_s(value: str) -> float:
-    """envconfig.KeepAlive: a Go duration, else an integer number of seconds; negative = forever."""
-    try:
-        seconds = parse_go_duration(value)
-    except ValueError:
-        try:
-            seconds = float(int(value))
-        except ValueError:
-            raise ValueError(f"not a duration: {value!r}") from None
-    return FOREVER_S if seconds < 0 else seconds
 
 
 def _uint(environ: Mapping[str, str], key: str, default: int) -> int:
-    raw = env_var(environ, key)
-    if not raw:
-        return default
-    if not (raw.isascii() and raw.isdigit()):  # strconv.ParseUint: ASCII digits only
-        raise EnvError(key, f"must be a non-negative integer, got {raw!r}")
-    return int(raw)
+    try:
+        value = env_uint(environ, key)
+    except ValueError:
+        raise EnvError(key, f"must be a non-negative integer, got {env_var(environ, key)!r}") from None
+    return default if value is None else value
 
 
 _TRUE = {"1", "t", "T", "TRUE", "true", "True"}
@@ -219,7 +208,7 @@ def load_serve_settings(environ: Mapping[str, str], *, cwd: Path | None = None) 
 
     keep_alive_raw = env_var(environ, "OLLAMA_KEEP_ALIVE")
     try:
-        keep_alive_s = parse_env_duration_s(keep_alive_raw) if keep_alive_raw else DEFAULT_KEEP_ALIVE_S
+        keep_alive_s = env_keep_alive_s(keep_alive_raw) if keep_alive_raw else DEFAULT_KEEP_ALIVE_S
     except ValueError:
         message = f'must be a duration like "5m", "-1" or "0", got {keep_alive_raw!r}'
         raise EnvError("OLLAMA_KEEP_ALIVE", message) from None

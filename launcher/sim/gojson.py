@@ -16,6 +16,8 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+from launcher.facts.ollama import parse_go_duration
+
 # Go field kinds: "string", "bool", "int", "float", "map" (object), "list" (any array), "[]int",
 # "[]string", "any" (anything), "duration" (api.Duration), "think", "messages", "tools",
 # "optbool" (a *bool).
@@ -133,7 +135,7 @@ def _check(value: Any, kind: str, where: str) -> str | None:
             return f"Unsupported type: '{go_type_of(value)}'"
         if isinstance(value, str):
             try:
-                parse_duration(value)
+                parse_go_duration(value)
             except ValueError as e:
                 return str(e)
     if kind == "think" and not (isinstance(value, bool) or value in ("high", "medium", "low", "max")):
@@ -141,53 +143,6 @@ def _check(value: Any, kind: str, where: str) -> str | None:
             return f'invalid think value: "{value}" (must be "high", "medium", "low", "max", true, or false)'
         return 'think must be a boolean or string ("high", "medium", "low", "max", true, or false)'
     return None
-
-
-_UNITS_S = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def _go_quote(s: str) -> str:
-    return json.dumps(s, ensure_ascii=False)
-
-
-def parse_duration(text: str) -> float:
-    """Go's time.ParseDuration, in seconds. Raises ValueError with Go's exact message."""
-    orig, s, neg = text, text, False
-    if s and s[0] in "+-":
-        neg, s = s[0] == "-", s[1:]
-    if s == "0":
-        return 0.0
-    invalid = ValueError("time: invalid duration " + _go_quote(orig))
-    if not s:
-        raise invalid
-    total = 0.0
-    while s:
-        if not (s[0] == "." or s[0].isdigit()):
-            raise invalid
-        i = 0
-        while i < len(s) and s[i].isascii() and s[i].isdigit():
-            i += 1
-        whole, s = s[:i], s[i:]
-        frac = ""
-        if s.startswith("."):
-            j = 1
-            while j < len(s) and s[j].isascii() and s[j].isdigit():
-                j += 1
-            frac, s = s[1:j], s[j:]
-            if not whole and not frac:
-                raise invalid
-        elif not whole:
-            raise invalid
-        k = 0
-        while k < len(s) and not (s[k] == "." or (s[k].isascii() and s[k].isdigit())):
-            k += 1
-        if k == 0:
-            raise ValueError("time: missing unit in duration " + _go_quote(orig))
-        unit, s = s[:k], s[k:]
-        if unit not in _UNITS_S:
-            raise ValueError("time: unknown unit " + _go_quote(unit) + " in duration " + _go_quote(orig))
-        total += float(f"{whole or 0}.{frac or 0}") * _UNITS_S[unit]
-    return -total if neg else total
 
 
 def go_type_of(value: Any) -> str:

@@ -14,7 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
-from launcher.models.store import ModelName
+from launcher.facts.names import ModelName
+from launcher.facts.ollama import api_keep_alive_s as keep_alive_seconds
 from launcher.sim import textgen
 from launcher.sim.gojson import (
     CHAT_REQUEST,
@@ -36,7 +37,7 @@ from launcher.sim.inference import (
     ns,
 )
 from launcher.sim.models import InstalledModel, ModelLoadError
-from launcher.sim.options import OptionError, RequestOptions, keep_alive_seconds, parse_options
+from launcher.sim.options import OptionError, RequestOptions, parse_options
 from launcher.sim.runner import LoadKey
 from launcher.sim.scheduler import Lease, LoadFailed, QueueFull
 from launcher.sim.service import ModelRef, ModelRefError, SimService, parse_model_ref

@@ -10,7 +10,8 @@ from typing import Any
 
 from aiohttp import web
 
-from launcher.models.store import InvalidDigest, ModelName, digest_of
+from launcher.facts.names import ModelName
+from launcher.models.store import InvalidDigest, digest_of
 from launcher.sim.gojson import (
     COPY_REQUEST,
     DELETE_REQUEST,

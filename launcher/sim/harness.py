@@ -16,7 +16,7 @@
 fast with the child's log if it exits), and `stop` (or leaving the `with`) sends SIGTERM, then
 SIGKILL. Several servers may share one `models_dir`, as the backends of a rig share one store.
 `install_models(models_dir, ...)` fills a store directly, without any server, for tests that only
-need models present.
+need models present. Benchmarks use the same harness (and `free_port`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -43,6 +44,13 @@ from launcher.sim.registry import layers_for
 
 _LISTENING = re.compile(r"Listening on (\S+):(\d+) ")
 _ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for servers that cannot bind port 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def write_rig(path: Path, gpus: Sequence[str | Mapping[str, Any]], **sim: Any) -> Path:

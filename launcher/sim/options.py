@@ -7,12 +7,10 @@ surfaces as a 500 with texts such as `option "num_predict" must be of type integ
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from launcher.sim.gojson import parse_duration
 from launcher.sim.runner import LoadKey, RunnerOptions
 
 DEFAULT_EMBEDDING_NUM_BATCH = 2048
@@ -123,16 +121,3 @@ def parse_options(
         stop=values.get("stop", ()),
         extra={k: v for k, v in values.items() if k not in ("num_predict", "seed", "temperature", "stop")},
     )
-
-
-def keep_alive_seconds(value: Any) -> float | None:
-    """api.Duration: a number is seconds, a string a Go duration; negative means forever (inf).
-
-    None when the request carries no keep_alive. The body binding already rejected bad values.
-    """
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise ValueError(f"Unsupported type: '{type(value).__name__}'")
-    seconds = float(value) if isinstance(value, int | float) else parse_duration(str(value))
-    return math.inf if seconds < 0 else seconds

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from launcher.facts.catalog import ModelSpec, find_model
-from launcher.models.store import DEFAULT_HOST, DEFAULT_NAMESPACE, Layer, ModelName, ModelStore
+from launcher.facts.names import DEFAULT_HOST, DEFAULT_NAMESPACE, ModelName
+from launcher.models.store import Layer, ModelStore
 from launcher.sim.clock import Clock
 from launcher.sim.registry import Blob, layers_for
 from launcher.sim.wire import Items, StreamError

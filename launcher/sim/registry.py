@@ -2,7 +2,7 @@
 
 A pulled model gets the layers Ollama's library gives it: a model blob, a prompt template, parameters,
 a license where the family has one, and a config. The model blob's *content* is a small
-metadata-only GGUF file describing the model (`launcher.gguf`), while the manifest declares the
+metadata-only GGUF file describing the model (`launcher.models.gguf`), while the manifest declares the
 layer's size as the catalog's real file size, so /api/tags shows real sizes and the launcher reads
 sizes the same way from a real store and a simulated one. Every digest is the sha256 of the bytes
 actually written, so blob checks are honest. All contents are deterministic: two processes pulling

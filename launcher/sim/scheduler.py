@@ -7,7 +7,7 @@ The rules, in the order Ollama applies them (OLLAMA_FACTS.md sections 2.2 and 7)
   FIFO of OLLAMA_MAX_QUEUE entries; a full FIFO is a 503 (`QueueFull`).
 * One pending request is handled at a time, so loads are serial. For it: a loaded copy with other
   options is expired and reloaded; at MAX_LOADED_MODELS a runner is evicted; otherwise it is placed
-  on the visible cards' free memory (`launcher.perf.ollama_placement`). With nothing else loaded it
+  on the visible cards' free memory (`launcher.facts.perf.ollama_placement`). With nothing else loaded it
   always loads (partly on the CPU if need be); with other models loaded it must fit fully, within
   80 % of the free memory it would use, or a runner is evicted.
 * The victim is the idle runner with the shortest keep-alive (ties by model file); when none is idle

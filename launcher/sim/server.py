@@ -7,15 +7,14 @@ line when its runner stops), loaded models are unloaded, and the process exits.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
-import signal
 import sys
 from dataclasses import replace
 
 from aiohttp import web
 
+from launcher.signals import on_stop_signals
 from launcher.sim.app import create_app
 from launcher.sim.clock import SimClock
 from launcher.sim.env import GIB, ServeSettings
@@ -66,15 +65,10 @@ async def serve(settings: ServeSettings) -> int:
         settings = replace(settings, port=int(bound[1]))
     log.info("%s", describe(settings))
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        with on_stop_signals(lambda _sig: stop.set()):
+            await stop.wait()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(sig)
         log.info("shutting down")
         # Stop the models first so streaming requests end now, then close the sockets.
         await app[SERVICE].scheduler.close()

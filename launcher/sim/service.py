@@ -11,7 +11,8 @@ import json
 import secrets
 from dataclasses import dataclass
 
-from launcher.models.store import ModelName, ModelStore
+from launcher.facts.names import ModelName
+from launcher.models.store import ModelStore
 from launcher.sim.clock import Clock
 from launcher.sim.env import ServeSettings
 from launcher.sim.models import InstalledModel, load_installed

@@ -9,7 +9,7 @@ The state machine (launcher/backend_process.py) decides *when*; this module know
   is the *thread* that forked: asyncio forks from the event-loop thread, which in `corral up` is the
   main thread and lives as long as the process. (A supervisor on a loop in a worker thread would
   see its backends killed when that thread ends: an early stop, never an orphan.) The orphan
-  guard (launcher/orphan_guard.py) then clears what PDEATHSIG cannot reach: the child's own
+  guard (launcher/supervise/orphan_guard.py) then clears what PDEATHSIG cannot reach: the child's own
   children (Ollama's llama-server runners do not ask for a parent-death signal), which share the
   child's process group;
 - stopping is SIGTERM to the group, a wait, SIGKILL to the group, and a reap.

@@ -14,6 +14,7 @@ from pathlib import Path
 from gateway.record import BackendKind
 from launcher.config import LauncherSettings
 from launcher.facts.catalog import find_model
+from launcher.facts.ollama import host_port
 from launcher.facts.strictconf import ConfigError
 from launcher.planner.placement import PlannedBackend
 
@@ -91,12 +92,6 @@ def resolve_models_dir(models_dir: str, config_path: str | Path | None) -> Path:
         base = Path(config_path).resolve().parent if config_path else Path.cwd()
         path = base / path
     return Path(os.path.normpath(path))
-
-
-def host_port(host: str, port: int) -> str:
-    """ "host:port" as Ollama's OLLAMA_HOST and URLs want it: an IPv6 address goes in brackets
-    (envconfig.Host() would read "::1:11500" as a host without a port)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def http_url(host: str, port: int) -> str:

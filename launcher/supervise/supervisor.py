@@ -3,7 +3,7 @@
 `Supervisor` runs one `BackendProcess` (launcher/backend_process.py: the state machine) per planned
 backend, starts them in parallel, health-gated, and publishes each backend's `BackendRecord` into
 the state store on every state change, so the gateway routes around a backend that is down and
-takes it back when it is ready again. It also runs the orphan guard (launcher/orphan_guard.py), so
+takes it back when it is ready again. It also runs the orphan guard (launcher/supervise/orphan_guard.py), so
 that not even a SIGKILL of the launcher leaves a backend or one of its runners behind.
 
     async with Supervisor(launches, timing, store=store, host_name=hostname) as sup:
@@ -22,7 +22,7 @@ import random
 import socket
 import sys
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -30,7 +30,8 @@ import aiohttp
 
 from gateway.record import BackendRecord, BackendState
 from gateway.state.health import StoreHealth
-from gateway.state.memory import StateStore
+from gateway.state.store import StateStore
+from launcher.facts.ollama import context_length_env
 from launcher.supervise.backend import (
     BackendLaunch,
     BackendProcess,
@@ -81,7 +82,7 @@ STORE_WATCH_S = 1.0
 
 
 class OrphanGuard:
-    """Client side of launcher/orphan_guard.py: tells the guard process which groups to clear."""
+    """Client side of launcher/supervise/orphan_guard.py: tells the guard process which groups to clear."""
 
     def __init__(self, grace_s: float) -> None:
         self.grace_s = grace_s
@@ -141,12 +142,6 @@ def url_host(listen_host: str) -> str:
     if listen_host in ("", "0.0.0.0", "::"):
         return socket.gethostname()
     return listen_host
-
-
-def context_length_of(env: Mapping[str, str]) -> int:
-    """OLLAMA_CONTEXT_LENGTH as the backend reads it (Ollama trims spaces and quotes); 0 when unset."""
-    text = env.get("OLLAMA_CONTEXT_LENGTH", "").strip().strip("'\"")
-    return int(text) if text.isdigit() else 0
 
 
 RestartHook = Callable[[BackendProcess], Coroutine[Any, Any, None]]
@@ -282,7 +277,7 @@ class Supervisor:
             speed=planned.speed,
             planned_models=planned.model_names,
             store_id=self.store_id,
-            default_num_ctx=context_length_of(proc.launch.env),
+            default_num_ctx=context_length_env(proc.launch.env),
             state=BackendState.STARTING if self.warming and proc.state == State.READY else record_state(proc.state),
             updated_at=time.time(),
             started_at=proc.started_at if proc.state == State.READY else 0.0,
@@ -354,7 +349,3 @@ class Supervisor:
                 self.store_health.failed(e)
                 return
 
-
-async def wait_for_restart(proc: BackendProcess, restarts: int, timeout_s: float) -> None:
-    """Block until `proc` has been restarted `restarts` times and is ready again (for tests, tools)."""
-    await proc.wait_for(lambda: proc.restarts >= restarts and proc.state == State.READY, timeout_s)

@@ -1,6 +1,6 @@
 """Proxy mechanics over real sockets: streaming, headers, cancellation, failover, Ollama-shaped errors.
 
-The upstreams are in-process fake Ollamas (tests/gateway_fakes.py) so each test can check what the
+The upstreams are in-process fake Ollamas (tests/support/fakes.py) so each test can check what the
 backend *received* and make it misbehave on purpose.
 """
 

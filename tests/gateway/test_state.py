@@ -13,8 +13,11 @@ from typing import Any
 import pytest
 
 from gateway.record import BackendKind, BackendRecord, BackendState
-from gateway.state.memory import MemoryStore, StateStore, open_store
+from gateway.state.memory import MemoryStore
 from gateway.state.redis_store import RedisStore
+from gateway.state.store import StateStore, open_store
+from launcher.facts.cards import find_card
+from launcher.facts.gpuinfo import GpuInfo, PublishedGpu
 
 REDIS_URL = os.environ.get("CORRAL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -101,19 +104,26 @@ async def test_a_record_without_heartbeat_expires(make_store: Callable[[], State
     await _eventually(lapsed)
 
 
+def _gpu(name: str, free_bytes: int = 0, backend: str = "") -> PublishedGpu:
+    card = find_card(name)
+    assert card is not None
+    gpu = GpuInfo(0, f"GPU-{name}", name, card.vram_bytes, free_bytes, card.vram_bytes - free_bytes, card)
+    return PublishedGpu(gpu, backend)
+
+
 async def test_gpu_lists_per_host(make_store: Callable[[], StateStore]) -> None:
     store = make_store()
-    await store.put_gpus("box-a", [{"index": 0, "name": "RTX 4090", "memory_free": 1}])
-    await store.put_gpus("box-b", [{"index": 0, "name": "H100 80GB", "memory_free": 2}], ttl_s=60)
+    await store.put_gpus("box-a", [_gpu("RTX 4090", 1, backend="g0")])
+    await store.put_gpus("box-b", [_gpu("H100 80GB", 2)], ttl_s=60)
     gpus = await store.list_gpus()
-    assert gpus["box-a"][0]["name"] == "RTX 4090"
-    assert gpus["box-b"][0]["memory_free"] == 2
+    assert gpus["box-a"] == [_gpu("RTX 4090", 1, backend="g0")]  # typed, and back exactly as written
+    assert gpus["box-b"][0].gpu.memory_free_bytes == 2
 
 
 async def test_a_gpu_list_without_heartbeat_expires(make_store: Callable[[], StateStore]) -> None:
     store = make_store()
-    await store.put_gpus("kept", [{"index": 0, "name": "RTX 4090"}])
-    await store.put_gpus("lapsing", [{"index": 0, "name": "RTX 3090"}], ttl_s=0.2)
+    await store.put_gpus("kept", [_gpu("RTX 4090")])
+    await store.put_gpus("lapsing", [_gpu("RTX 3090")], ttl_s=0.2)
     assert set(await store.list_gpus()) == {"kept", "lapsing"}
 
     async def lapsed() -> bool:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from gateway.api.fanout import ProgressMerger
-from gateway.api.parse import BadRequest, is_zero_keep_alive, parse_model_call
+from gateway.api.parse import BadRequest, parse_model_call
 from gateway.api.proxy import FinalChunkTap
 from gateway.fleet.inflight import InFlight
 from gateway.fleet.modelfacts import facts_from_catalog, facts_from_show
@@ -17,6 +17,7 @@ from gateway.routing.policy import ResidencyPolicy, RouteRequest, Send, choose
 from gateway.routing.snapshot import LoadOptions
 from gateway.state.memory import MemoryStore
 from launcher.facts.catalog import find_model
+from launcher.facts.ollama import is_zero_keep_alive
 from tests.support.fakes import fast_settings
 
 

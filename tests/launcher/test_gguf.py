@@ -1,4 +1,4 @@
-"""launcher.gguf against the independent `gguf` package (llama.cpp's gguf-py): files it writes we read,
+"""launcher.models.gguf against the independent `gguf` package (llama.cpp's gguf-py): files it writes we read,
 files we write it reads, and model facts survive the trip through a GGUF header."""
 
 from __future__ import annotations

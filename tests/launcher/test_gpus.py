@@ -1,4 +1,4 @@
-"""GPU discovery over recorded NVML inventories (tests/fixtures/gpus, answered by tests/fakenvml.py)."""
+"""GPU discovery over recorded NVML inventories (tests/fixtures/gpus, answered by tests/support/fakenvml.py)."""
 
 from __future__ import annotations
 

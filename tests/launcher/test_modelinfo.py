@@ -1,4 +1,4 @@
-"""launcher.modelinfo: model facts from a real on-disk store, a running backend's /api/show, the catalog."""
+"""launcher.models.resolve: model facts from a real on-disk store, a running backend's /api/show, the catalog."""
 
 from __future__ import annotations
 

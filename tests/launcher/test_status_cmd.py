@@ -1,6 +1,6 @@
 """`corral status`: the table and --json from a gateway's status document, and the one-line errors.
 
-The status of a real running rig is checked end to end in tests/test_up.py; here a small aiohttp
+The status of a real running rig is checked end to end in tests/launcher/test_up.py; here a small aiohttp
 server stands in for the gateway so every answer (401, 404, nothing listening) can be produced."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from aiohttp.test_utils import TestServer
 
 from launcher.commands import status as status_cmd
 from launcher.commands.cli import main
+from launcher.sim.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 NOW = 1_700_000_000.0
@@ -80,12 +80,6 @@ def test_empty_fleet_says_so() -> None:
     text = status_cmd.render({"gateway": {}, "gpus": {}, "backends": []}, "http://x")
     assert "GPUs\n  (none reported)" in text and "Backends\n  (none)" in text
     assert "Resident models\n  (none)" in text
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def fake_gateway(require_key: str = "") -> TestServer:

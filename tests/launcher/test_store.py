@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from launcher.facts.names import ModelName
 from launcher.models.store import (
     MEDIA_TYPE_CONFIG,
     MEDIA_TYPE_MODEL,
     MEDIA_TYPE_TEMPLATE,
     InvalidDigest,
     Layer,
-    ModelName,
     ModelStore,
 )
 from launcher.sim.harness import install_models

@@ -1,4 +1,4 @@
-"""Supervision with real child processes (tests/misbehave.py): start, health gate, crash and
+"""Supervision with real child processes (tests/support/misbehave.py): start, health gate, crash and
 restart with backoff, stop with SIGTERM then SIGKILL, no orphans even when the launcher is killed,
 and the environment each backend receives."""
 
@@ -22,6 +22,7 @@ from gateway.state.memory import MemoryStore
 from launcher.config import LauncherSettings
 from launcher.facts.strictconf import ConfigError
 from launcher.planner.placement import PlannedBackend, PlannedModel
+from launcher.sim.harness import free_port
 from launcher.supervise.env import backend_env, check_env_overrides, resolve_models_dir
 from launcher.supervise.supervisor import (
     BackendLaunch,
@@ -31,19 +32,12 @@ from launcher.supervise.supervisor import (
     Supervisor,
     Timing,
     backoff_delay,
-    wait_for_restart,
 )
 
 REPO = Path(__file__).resolve().parents[2]
 MISBEHAVE = str(REPO / "tests" / "support" / "misbehave.py")
 WAIT_S = 20.0  # generous upper bound for anything a test waits on; tests pass long before it
 FAST = Timing(start_timeout_s=15.0, stop_timeout_s=2.0, restart_backoff_s=0.05, restart_backoff_max_s=0.2)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def planned(backend_id: str = "g0", port: int | None = None, **overrides: object) -> PlannedBackend:
@@ -68,6 +62,11 @@ def planned(backend_id: str = "g0", port: int | None = None, **overrides: object
 def launch(backend: PlannedBackend, *flags: str, log_dir: str = "") -> BackendLaunch:
     env = dict(os.environ) | {"OLLAMA_HOST": f"127.0.0.1:{backend.port}"}
     return BackendLaunch(backend, (sys.executable, MISBEHAVE, "serve", *flags), env, log_dir=log_dir)
+
+
+async def wait_for_restart(proc: BackendProcess, restarts: int, timeout_s: float) -> None:
+    """Until `proc` has been restarted `restarts` times and is ready again."""
+    await proc.wait_for(lambda: proc.restarts >= restarts and proc.state == State.READY, timeout_s)
 
 
 def alive(pid: int) -> bool:
@@ -459,6 +458,7 @@ KILLED_LAUNCHER = """
 import asyncio, json, os, sys
 from tests.launcher.test_supervisor import launch, planned, FAST
 from launcher.supervise.supervisor import Supervisor
+from launcher.sim.harness import free_port
 
 async def main():
     launches = [launch(planned("g0"), "--spawn-child"), launch(planned("g1"), "--ignore-sigterm")]

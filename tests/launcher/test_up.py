@@ -467,10 +467,21 @@ def test_a_busy_gateway_port_is_refused_before_any_backend_starts(
         ("", ["--listen", "nosuch.invalid:11434"], 1, "the gateway cannot listen on nosuch.invalid:11434: "),
         ("", ["--listen", "0.0.0.0:0"], 2, "gateway.listen: refusing to listen on non-loopback address '0.0.0.0'"),
         ("base_port = GATEWAY_PORT", [], 1, "backend g0 is planned on port GATEWAY_PORT, where the gateway listens"),
+        ("", ["--base-port", "GATEWAY_PORT"], 1, "backend g0 is planned on port GATEWAY_PORT, where the gateway"),
+        ("", ["--base-port", "80"], 2, "--base-port: must be between 1024 and 65000, got 80"),
         ('state = "redis"\nredis_url = "redis://127.0.0.1:1/0"', [], 1, "cannot reach the state store at redis://"),
         ("models_dir = 'FILE/models'", [], 1, "cannot create the model store FILE/models: Not a directory"),
     ],
-    ids=["not-local", "no-such-name", "open-without-keys", "port-clash", "redis-down", "bad-store"],
+    ids=[
+        "not-local",
+        "no-such-name",
+        "open-without-keys",
+        "port-clash",
+        "base-port-clash",
+        "bad-base-port",
+        "redis-down",
+        "bad-store",
+    ],
 )
 def test_what_would_fail_later_is_refused_before_anything_starts(
     tmp_path: Path,
@@ -491,6 +502,7 @@ def test_what_would_fail_later_is_refused_before_anything_starts(
     a_file.write_text("")
     edit = edit.replace("GATEWAY_PORT", gateway_port).replace("FILE", str(a_file))
     expected = expected.replace("GATEWAY_PORT", gateway_port).replace("FILE", str(a_file))
+    flags = [flag.replace("GATEWAY_PORT", gateway_port) for flag in flags]
     text = config.read_text()
     if edit.startswith(("base_port", "models_dir")):
         text = re.sub(rf"(?m)^{edit.split(' ')[0]} = .*$", edit, text, count=1)

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from launcher.config import SimGpu
+from launcher.facts.ollama import env_keep_alive_s
 from launcher.gpus.discovery import simulated_inventory
-from launcher.sim.env import EnvError, load_serve_settings, parse_env_duration_s, parse_ollama_host, visible_cards
+from launcher.sim.env import EnvError, load_serve_settings, parse_ollama_host, visible_cards
 from launcher.sim.harness import write_rig
 
 
@@ -47,7 +48,7 @@ def test_bad_port_is_refused() -> None:
     [("5m", 300.0), ("1h30m", 5400.0), ("3600", 3600.0), ("0", 0.0), ("-1", math.inf), ("-5m", math.inf)],
 )
 def test_keep_alive_env_values(value: str, seconds: float) -> None:
-    assert parse_env_duration_s(value) == seconds
+    assert env_keep_alive_s(value) == seconds
 
 
 def test_cuda_visible_devices_by_index_uuid_and_empty() -> None:

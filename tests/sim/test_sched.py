@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 
 from launcher.config import SimGpu
+from launcher.facts.names import ModelName
 from launcher.gpus.discovery import simulated_inventory
 from launcher.models.gguf import encode_gguf_metadata
-from launcher.models.store import MEDIA_TYPE_CONFIG, MEDIA_TYPE_MODEL, Layer, ModelName, ModelStore
+from launcher.models.store import MEDIA_TYPE_CONFIG, MEDIA_TYPE_MODEL, Layer, ModelStore
 from launcher.sim.clock import ManualClock
 from launcher.sim.engine import DecodeEngine
 from launcher.sim.handlers_infer import load_key_for

@@ -1,6 +1,6 @@
 """A fake `pynvml` that answers from a recorded GPU inventory (tests/fixtures/gpus/*.json).
 
-A fixture holds NVML's raw answers per device in launcher.nvmlprobe's format (what
+A fixture holds NVML's raw answers per device in launcher.gpus.nvmlprobe's format (what
 `python -m launcher.gpus --record` prints on a real rig). The fake implements the pynvml functions
 discovery calls, with pynvml's constants and error classes, and refuses like NVML does: a fact the
 fixture lists under a device's "errors" raises that NVML error; a fact it lacks raises NOT_SUPPORTED;

@@ -1,6 +1,6 @@
 """A stand-in for `ollama serve` that misbehaves on request, for the supervisor's tests.
 
-    python tests/misbehave.py [serve] [--port N] [--exit-at-once] [--never-healthy] [--ignore-sigterm]
+    python tests/support/misbehave.py [serve] [--port N] [--exit-at-once] [--never-healthy] [--ignore-sigterm]
         [--exit-after S] [--crash-after-ready S] [--ready-after S] [--spawn-child] [--env-file PATH]
 
 When healthy it answers like Ollama: `GET /` and `HEAD /` -> "Ollama is running", `GET /api/version`,
