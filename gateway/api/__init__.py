@@ -7,5 +7,10 @@
     fleetwide.py   calls about the whole fleet (tags, ps, pull, create, delete, ...)
     fanout.py, progress.py, blobs.py   fan-out to one backend per model store, merged progress
     status.py      GET /api/corral/status
+    ready.py       GET /api/corral/ready, and the startup gate of `corral up`
+    bodies.py, strictjson.py   reading bodies (size, time, encodings) and strict JSON
+    limits.py      client limits: header timeout, connection cap, early 413 (the guarded protocol)
+    timeouts.py    upstream bounds: connect, first byte from the router's expectation, stream idle
+    hosts.py, accesslog.py     Ollama's Host check; request ids and the access log
     auth.py, cors.py, errors.py, lifecycle.py   keys, browsers, error replies, drain accounting
 """

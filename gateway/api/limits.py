@@ -12,6 +12,10 @@ protocol object, so the gateway serves through `GuardedSite`, whose connections 
 - a connection count at accept: beyond `max_connections` the connection is marked, and the
   `limits_middleware` answers its request with 503 + `Retry-After` and closes it.
 
+GuardedHandler reads a few of RequestHandler's private attributes (`_request_count`,
+`_current_request`, `_messages`, `_manager`, `_loop`); tests/gateway/test_client_limits.py breaks
+if an aiohttp upgrade renames them.
+
 The middleware also refuses an announced `Content-Length` over `max_body_bytes` (413) before the
 handler reads anything, and closes any connection whose body was left unread (408/413) right
 after the reply, so the rest of a refused body is never read.
