@@ -28,6 +28,7 @@ def facts_from_spec(spec: ModelSpec, name: str, size_bytes: int = 0) -> ModelFac
         size_bytes=spec.file_size_bytes,
         kv_bytes_per_token=perf.kv_cache_bytes(spec, one_token),
         overhead_bytes=perf.card_overhead_bytes(spec, perf.LoadOptions()),
+        overhead_bytes_era_a=perf.card_overhead_bytes(spec, perf.LoadOptions(era=perf.Era.A)),
         context_length=spec.context_length,
         embedding_only=spec.embedding_only,
     )

@@ -377,6 +377,7 @@ class BackendPool:
                     inventory_known=live.inventory_known,
                     default_num_ctx=live.record.default_num_ctx,
                     last_used=dict(live.last_used),
+                    version=live.version,
                 )
             )
         return tuple(views)

@@ -15,7 +15,14 @@ from typing import Literal
 
 from gateway.record import BackendKind
 from gateway.routing.snapshot import LOAD_OPTION_KEYS, BackendView, LoadOptions, ModelFacts, ResidentModel, Snapshot
-from launcher.facts.ollama import DEFAULT_KEEP_ALIVE_S, default_max_loaded_models
+from launcher.facts import memory
+from launcher.facts.memory import Era, era_for_version
+from launcher.facts.ollama import (
+    AUTO_NUM_CTX_FLOOR,
+    DEFAULT_KEEP_ALIVE_S,
+    default_max_loaded_models,
+    vram_default_num_ctx,
+)
 from launcher.facts.perf import DEFAULT_LOAD_GBPS, PREFILL_COMPUTE_EFFICIENCY, RUNNER_START_S, SINGLE_CARD_FIT_FRACTION
 
 GIB = 1024**3
@@ -26,8 +33,6 @@ Route = Literal["resident_free_slot", "resident_queued", "loading", "cold_load",
 # Ollama's defaultModelsPerGPU (server/sched.go): OLLAMA_MAX_LOADED_MODELS=0 means 3 per GPU.
 # Ollama clamps num_ctx to at least 4 (sched.go getRunner).
 MIN_NUM_CTX = 4
-# The lowest automatic context tier Ollama falls back to after an out-of-memory load.
-AUTO_NUM_CTX_FLOOR = 4096
 # Ollama's default keep_alive (OLLAMA_KEEP_ALIVE=5m): an idle model's expires_at is its last use plus this.
 
 
@@ -133,12 +138,7 @@ def default_num_ctx(view: BackendView) -> int:
     (routes.go Serve, since v0.15.5: >= 47 GiB -> 262144, >= 23 GiB -> 32768, else 4096)."""
     if view.default_num_ctx > 0:
         return view.default_num_ctx
-    total = view.record.vram_total_bytes
-    if total >= 47 * GIB:
-        return 262144
-    if total >= 23 * GIB:
-        return 32768
-    return 4096
+    return vram_default_num_ctx(view.record.vram_total_bytes)
 
 
 def loaded_num_ctx(num_ctx: int, facts: ModelFacts | None) -> int:
@@ -155,9 +155,24 @@ def effective_num_ctx(view: BackendView, num_ctx: int | None, facts: ModelFacts 
     return loaded_num_ctx(num_ctx if num_ctx is not None else default_num_ctx(view), facts)
 
 
+def backend_era(view: BackendView) -> Era:
+    """The memory model of the backend's Ollama, from its /api/version (HEAD when unknown), so the
+    router costs a load the way the planner planned it and the backend will judge it."""
+    return era_for_version(view.version) or Era.HEAD
+
+
 def _need_for(view: BackendView, facts: ModelFacts, num_ctx: int) -> int:
-    kv = facts.kv_bytes_per_token * num_ctx * num_slots(view, facts)
-    return facts.size_bytes + kv + facts.overhead_bytes * view.record.gpu_count
+    """What Ollama compares with 80 % of the free memory before loading beside others: at HEAD
+    PredictServerVRAM (file + f16 KV) plus the batch surcharge for the total context; for
+    Ollama <= 0.29 its GraphSize estimate (file + KV + per-card graph and minimum)."""
+    slots = num_slots(view, facts)
+    kv = facts.kv_bytes_per_token * num_ctx * slots
+    if backend_era(view) is Era.A:
+        per_card = facts.overhead_bytes_era_a or facts.overhead_bytes
+        return facts.size_bytes + kv + per_card * view.record.gpu_count
+    batch = memory.generation_batch_for_context(num_ctx * slots)
+    surcharge = 0 if facts.embedding_only else memory.generation_batch_surcharge(batch)
+    return facts.size_bytes + kv + surcharge
 
 
 def need_bytes(view: BackendView, options: LoadOptions, facts: ModelFacts | None, size_bytes: int | None) -> int | None:

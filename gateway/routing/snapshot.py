@@ -76,9 +76,10 @@ class ModelFacts:
     name: str
     size_bytes: int  # file size in the store (what a load streams into memory)
     kv_bytes_per_token: int  # KV cache per token of context, all layers, f16
-    overhead_bytes: int  # per-card graph + minimum at the default context
+    overhead_bytes: int  # per-card compute buffer at the default context (HEAD)
     context_length: int  # the model's trained context
     embedding_only: bool = False
+    overhead_bytes_era_a: int = 0  # per-card graph + minimum for Ollama <= 0.29; 0: unknown, overhead_bytes
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class BackendView:
     # Epoch seconds of the last request this gateway fleet saw finish (or start) per model here; the
     # router uses it to tell hot resident models (expensive to evict) from cold ones.
     last_used: Mapping[str, float] = field(default_factory=dict)
+    version: str = ""  # the backend's /api/version: which Ollama memory model it uses (launcher.facts.memory)
 
     @property
     def id(self) -> str:

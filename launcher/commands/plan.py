@@ -14,13 +14,13 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 from launcher.commands.rig import Rig, model_specs, resolve_rig
-from launcher.config import load_config
+from launcher.config import LauncherSettings, load_config
 from launcher.gpus.discovery import GpuInfo, inventory_to_json
-from launcher.planner.fit import card_tags
+from launcher.planner.fit import card_budgets, card_tags
 from launcher.planner.placement import Plan, PlannedBackend
 from launcher.planner.plan import plan
 
@@ -35,13 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     rig = resolve_rig(cfg)
-    the_plan = plan(rig.gpus, model_specs(cfg), cfg.launcher)
+    the_plan = plan(rig.gpus, model_specs(cfg), cfg.launcher, rig.era)
     try:
         if args.json:
             json.dump({"rig": rig_to_json(rig), "plan": plan_to_json(the_plan)}, sys.stdout, indent=2)
             sys.stdout.write("\n")
         else:
-            print_plan(the_plan, rig, sys.stdout)
+            print_plan(the_plan, rig, sys.stdout, usable=usable_bytes(rig.gpus, cfg.launcher))
         sys.stdout.flush()
     except BrokenPipeError:  # `corral plan | head`: the reader left; nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -51,7 +51,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def rig_to_json(rig: Rig) -> dict[str, Any]:
-    return {"mode": rig.mode, "message": rig.message, "ollama_bin": rig.ollama_bin, "gpus": inventory_to_json(rig.gpus)}
+    return {
+        "mode": rig.mode,
+        "message": rig.message,
+        "ollama_bin": rig.ollama_bin,
+        "memory_model": {"era": str(rig.era), "note": rig.era_note, "warning": rig.era_warning},
+        "gpus": inventory_to_json(rig.gpus),
+    }
 
 
 def plan_to_json(the_plan: Plan) -> dict[str, Any]:
@@ -73,19 +79,28 @@ def _table(rows: Sequence[Sequence[str]], out: TextIO, indent: str = "  ") -> No
         out.write((indent + "  ".join(cells)).rstrip() + "\n")
 
 
-def _card_rows(the_plan: Plan, gpus: Sequence[GpuInfo]) -> list[list[str]]:
+def usable_bytes(gpus: Sequence[GpuInfo], settings: LauncherSettings) -> dict[str, int]:
+    """Card UUID -> what the planner may use there (free memory minus the configured reserve)."""
+    budgets, _ = card_budgets(gpus, settings)
+    return {b.gpu.uuid: b.usable_bytes for b in budgets.values()}
+
+
+def _card_rows(the_plan: Plan, gpus: Sequence[GpuInfo], usable: Mapping[str, int]) -> list[list[str]]:
+    """PLANNED / FREE: what the plan puts on the card, and what stays free after it (the usable
+    memory, free minus the reserve, less the planned)."""
     rows = [["CARD", "PLANNED / FREE", "BACKEND", "PORT", "MODELS"]]
     by_uuid: dict[str, tuple[PlannedBackend, int]] = {}
     for b in the_plan.backends:
         for pos, uuid in enumerate(b.gpu_uuids):
             by_uuid[uuid] = (b, pos)
     for gpu, tag in zip(gpus, card_tags(gpus), strict=True):
-        free = _gib(gpu.memory_free_bytes)
+        room = usable.get(gpu.uuid, gpu.memory_free_bytes)
         if gpu.uuid not in by_uuid:
-            rows.append([f"{tag} {gpu.name}", f"0.0 / {free} GiB", "-", "-", "(unused)"])
+            rows.append([f"{tag} {gpu.name}", f"0.0 / {_gib(room)} GiB", "-", "-", "(unused)"])
             continue
         b, pos = by_uuid[gpu.uuid]
         planned = sum(m.card_vram_bytes[pos] if m.card_vram_bytes else 0 for m in b.models)
+        free = _gib(max(0, room - planned))
         kind = "" if str(b.kind) == "single" else f" ({b.kind})"
         rows.append(
             [
@@ -107,6 +122,8 @@ def _model_rows(the_plan: Plan) -> list[list[str]]:
     for b in the_plan.backends:
         for n, m in enumerate(b.models):
             offload = f" ({m.num_gpu} layers)" if m.num_gpu >= 0 else ""
+            if len(m.card_layers) > 1:
+                offload += " (" + "+".join(str(n) for n in m.card_layers) + " layers)"
             rows.append(
                 [
                     f"{b.id} :{b.port}" if n == 0 else "",
@@ -121,9 +138,13 @@ def _model_rows(the_plan: Plan) -> list[list[str]]:
     return rows
 
 
-def print_plan(the_plan: Plan, rig: Rig, out: TextIO) -> None:
-    out.write(f"rig: {rig.message}\n\n")
-    _table(_card_rows(the_plan, rig.gpus), out)
+def print_plan(the_plan: Plan, rig: Rig, out: TextIO, *, usable: Mapping[str, int] | None = None) -> None:
+    out.write(f"rig: {rig.message}\n")
+    out.write(f"memory model: {rig.era_note}\n")
+    if rig.era_warning:
+        out.write(f"warning: {rig.era_warning}\n")
+    out.write("\n")
+    _table(_card_rows(the_plan, rig.gpus, usable or {}), out)
     if any(b.models for b in the_plan.backends):
         out.write("\n")
         _table(_model_rows(the_plan), out)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from launcher.config import CorralConfig
+from launcher.facts.memory import ERA_DESCRIPTION, Era, era_for_version, parse_version
 from launcher.facts.strictconf import ConfigError
 from launcher.gpus import discovery as gpus
 from launcher.gpus.discovery import GpuInfo, NvmlUnavailable
@@ -41,6 +43,36 @@ class Rig:
     mode: RigMode
     ollama_bin: list[str]  # argv that starts one backend (env: OLLAMA_HOST, CUDA_VISIBLE_DEVICES, ...)
     message: str  # the one line to print at start
+    era: Era = Era.HEAD  # the memory model the backends' Ollama uses (launcher.facts.memory)
+    era_note: str = "simulated Ollama (HEAD): " + ERA_DESCRIPTION[Era.HEAD]  # the line `corral plan` prints
+    era_warning: str = ""  # why the version could not be read ("" when it could)
+
+
+VERSION_TIMEOUT_S = 10.0
+
+
+def ollama_era(ollama: str) -> tuple[Era, str, str]:
+    """Run `ollama --version` and pick the memory model: (era, note, warning). When the version
+    cannot be read, HEAD's model with a warning that says why."""
+    try:
+        proc = subprocess.run(
+            [ollama, "--version"], capture_output=True, text=True, timeout=VERSION_TIMEOUT_S, check=False
+        )
+        text = (proc.stdout or "") + "\n" + (proc.stderr or "")
+        era = era_for_version(text)
+        why = f"no version in its output: {text.strip()[:120]!r}" if era is None else ""
+    except (OSError, subprocess.TimeoutExpired) as e:
+        era, why = None, str(e) or type(e).__name__
+    if era is None:
+        warning = f"`{ollama} --version` failed ({why}); planning with HEAD's memory model"
+        return Era.HEAD, f"unknown Ollama version: {ERA_DESCRIPTION[Era.HEAD]}", warning
+    version = ".".join(str(n) for n in parse_version(text) or ())
+    return era, f"Ollama {version}: {ERA_DESCRIPTION[era]}", ""
+
+
+def _real_rig(found: list[GpuInfo], ollama: str, message: str) -> Rig:
+    era, note, warning = ollama_era(ollama)
+    return Rig(found, "real", [ollama, "serve"], message, era, note, warning)
 
 
 def sim_argv() -> list[str]:
@@ -116,16 +148,14 @@ def resolve_rig(cfg: CorralConfig, *, discover: Discover | None = None, which: W
         found, why = _discover_real(discover)
         if not found:
             return _sim_rig(cfg, why)
-        return Rig(
-            found, "real", [ollama, "serve"], f"ollama at {ollama} on {len(found)} GPU(s): {describe_cards(found)}"
-        )
+        return _real_rig(found, ollama, f"ollama at {ollama} on {len(found)} GPU(s): {describe_cards(found)}")
     ollama = _explicit_ollama(setting, which)
     found, why = _discover_real(discover)
     if not found:
         if cfg.launcher.require_gpus:
             raise ConfigError("launcher.require_gpus", f"is true, but {why}")
-        return Rig([], "real", [ollama, "serve"], f"{why}: ollama at {ollama} runs on the CPU")
-    return Rig(found, "real", [ollama, "serve"], f"ollama at {ollama} on {len(found)} GPU(s): {describe_cards(found)}")
+        return _real_rig([], ollama, f"{why}: ollama at {ollama} runs on the CPU")
+    return _real_rig(found, ollama, f"ollama at {ollama} on {len(found)} GPU(s): {describe_cards(found)}")
 
 
 def model_specs(cfg: CorralConfig) -> list[ModelRequest]:

@@ -239,7 +239,8 @@ async def _up_until_stopped(cfg: CorralConfig, opts: UpOptions, out: ProgressPri
     rig = resolve_rig(cfg)
     if rig.message:
         out.line(rig.message)
-    the_plan = make_plan(rig.gpus, model_specs(cfg), cfg.launcher)
+    out.line(f"memory model: {rig.era_note}" + (f" (warning: {rig.era_warning})" if rig.era_warning else ""))
+    the_plan = make_plan(rig.gpus, model_specs(cfg), cfg.launcher, rig.era)
     for line in plan_lines(the_plan):
         out.line(line)
     if not the_plan.ok or not the_plan.backends:

@@ -8,91 +8,15 @@ store, then `/api/show` of a running backend. The simulated backend "pulls" exac
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from launcher.facts.catalog_today import TODAY
+from launcher.facts.modelspec import GB, MB, ModelSpec, _m
 
-GB = 1000**3
-MB = 1000**2
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything the performance model needs to know about one model (one tag)."""
-
-    name: str  # canonical "family:tag"
-    family: str  # GGUF general.architecture
-    parameter_count: int
-    quantization: str  # Ollama's file_type, e.g. "Q4_K_M"
-    file_size_bytes: int
-    block_count: int
-    embedding_length: int
-    head_count: int
-    head_count_kv: int
-    context_length: int
-    vocab_size: int
-    key_length: int = 0  # 0 = embedding_length / head_count
-    value_length: int = 0
-    expert_count: int = 0
-    expert_used_count: int = 0
-    active_parameter_count: int = 0  # MoE: parameters read per token; 0 = all
-    embedding_only: bool = False
-    aliases: tuple[str, ...] = field(default=())
-
-    @property
-    def head_dim_k(self) -> int:
-        return self.key_length or self.embedding_length // max(self.head_count, 1)
-
-    @property
-    def head_dim_v(self) -> int:
-        return self.value_length or self.embedding_length // max(self.head_count, 1)
-
-    @property
-    def active_fraction(self) -> float:
-        """Share of the weights read to produce one token (1.0 for dense models)."""
-        if not self.active_parameter_count:
-            return 1.0
-        return self.active_parameter_count / self.parameter_count
-
-    @property
-    def parameter_size(self) -> str:
-        """Ollama's `details.parameter_size` text, e.g. "8.0B", "494.03M"."""
-        if self.parameter_count >= 1_000_000_000:
-            return f"{self.parameter_count / 1e9:.1f}B"
-        return f"{self.parameter_count / 1e6:.2f}M"
-
-
-def _m(
-    name: str,
-    family: str,
-    params_b: float,
-    quant: str,
-    size_gb: float,
-    layers: int,
-    embd: int,
-    heads: int,
-    kv_heads: int,
-    ctx: int,
-    vocab: int,
-    **extra: object,
-) -> ModelSpec:
-    return ModelSpec(
-        name=name,
-        family=family,
-        parameter_count=int(params_b * 1e9),
-        quantization=quant,
-        file_size_bytes=int(size_gb * GB),
-        block_count=layers,
-        embedding_length=embd,
-        head_count=heads,
-        head_count_kv=kv_heads,
-        context_length=ctx,
-        vocab_size=vocab,
-        **extra,  # type: ignore[arg-type]
-    )
+__all__ = ["CATALOG", "GB", "MB", "ModelSpec", "find_model", "normalize_name"]
 
 
 CATALOG: tuple[ModelSpec, ...] = (
     # Llama
-    _m("llama3.2:1b", "llama", 1.24, "Q8_0", 1.32, 16, 2048, 32, 8, 131072, 128256),
+    _m("llama3.2:1b", "llama", 1.24, "Q8_0", 1.32, 16, 2048, 32, 8, 131072, 128256, capabilities=("tools",)),
     _m(
         "llama3.2:3b",
         "llama",
@@ -105,6 +29,7 @@ CATALOG: tuple[ModelSpec, ...] = (
         8,
         131072,
         128256,
+        capabilities=("tools",),
         aliases=("llama3.2", "llama3.2:latest"),
     ),
     _m(
@@ -242,7 +167,9 @@ CATALOG: tuple[ModelSpec, ...] = (
         aliases=("gemma2", "gemma2:latest"),
     ),
     _m("gemma2:27b", "gemma2", 27.2, "Q4_0", 15.63, 46, 4608, 32, 16, 8192, 256000, key_length=128, value_length=128),
-    _m("gemma3:4b", "gemma3", 4.3, "Q4_K_M", 3.34, 34, 2560, 8, 4, 131072, 262208, key_length=256, value_length=256),
+    # gemma3 4b-27b: vision in the model file; sliding_window 1024 (google/gemma-3-{4b,12b,27b}-it config.json).
+    _m("gemma3:4b", "gemma3", 4.3, "Q4_K_M", 3.34, 34, 2560, 8, 4, 131072, 262208, key_length=256, value_length=256,
+       sliding_window=1024, capabilities=("vision",)),
     _m(
         "gemma3:12b",
         "gemma3",
@@ -257,10 +184,26 @@ CATALOG: tuple[ModelSpec, ...] = (
         262208,
         key_length=256,
         value_length=256,
+        sliding_window=1024,
+        capabilities=("vision",),
         aliases=("gemma3", "gemma3:latest"),
     ),
     _m(
-        "gemma3:27b", "gemma3", 27.4, "Q4_K_M", 17.4, 62, 5376, 32, 16, 131072, 262208, key_length=128, value_length=128
+        "gemma3:27b",
+        "gemma3",
+        27.4,
+        "Q4_K_M",
+        17.4,
+        62,
+        5376,
+        32,
+        16,
+        131072,
+        262208,
+        key_length=128,
+        value_length=128,
+        sliding_window=1024,
+        capabilities=("vision",),
     ),
     # Embedding models
     _m(
@@ -293,6 +236,7 @@ CATALOG: tuple[ModelSpec, ...] = (
         embedding_only=True,
         aliases=("mxbai-embed-large", "mxbai-embed-large:latest"),
     ),
+    *TODAY,
 )
 
 

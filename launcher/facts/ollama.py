@@ -139,3 +139,33 @@ def context_length_env(environ: Mapping[str, str]) -> int:
         return env_uint(environ, "OLLAMA_CONTEXT_LENGTH") or 0
     except ValueError:
         return 0
+
+
+# -- automatic context ---------------------------------------------------------------------------
+
+GIB = 1024**3
+
+# server/routes.go Serve (since v0.15.5): with OLLAMA_CONTEXT_LENGTH unset, the default num_ctx by
+# the backend's total VRAM (each GPU's TotalMemory minus OLLAMA_GPU_OVERHEAD): (at least, context).
+VRAM_CONTEXT_TIERS: tuple[tuple[int, int], ...] = ((47 * GIB, 262144), (23 * GIB, 32768), (0, 4096))
+# The automatic contexts, largest first: the VRAM tiers, which are also the steps
+# nextLowerAutoNumCtx takes after an out-of-memory load.
+AUTO_NUM_CTX_TIERS: tuple[int, ...] = tuple(ctx for _, ctx in VRAM_CONTEXT_TIERS)
+AUTO_NUM_CTX_FLOOR = AUTO_NUM_CTX_TIERS[-1]
+
+
+def vram_default_num_ctx(total_vram_bytes: int, gpu_overhead_bytes: int = 0, gpu_count: int = 1) -> int:
+    """The num_ctx Ollama gives a request that sets none, on a backend with this much VRAM (summed
+    over its GPUs; OLLAMA_GPU_OVERHEAD comes off each one)."""
+    usable = max(0, total_vram_bytes - gpu_overhead_bytes * max(gpu_count, 0))
+    return next(ctx for least, ctx in VRAM_CONTEXT_TIERS if usable >= least)
+
+
+def next_lower_auto_num_ctx(num_ctx: int) -> int | None:
+    """sched.go nextLowerAutoNumCtx: the context an automatic-context load retries at after running
+    out of memory (>32768 -> 32768, >4096 -> 4096); None below that (no retry)."""
+    if num_ctx > 32768:
+        return 32768
+    if num_ctx > 4096:
+        return 4096
+    return None

@@ -1,9 +1,9 @@
 """Performance model: VRAM need, placement over cards, load, prefill and decode times. Pure functions.
 
 Used by the simulated backend (how long things take, what fits), the planner (what fits where) and
-the routing benchmark. The memory terms follow Ollama's own estimate (OLLAMA_FACTS.md section 3:
-`GraphSize` and `estimateGPULayers` from v0.12.10), because that estimate decides what Ollama
-agrees to load. The timing terms are a small roofline model: decode is memory-bandwidth bound
+the routing benchmark. The memory terms are Ollama's, per era (`launcher.facts.memory`; HEAD by
+default: weights + KV + a compute buffer per card, with llama-server --fit's 1 GiB kept free), and
+`LoadOptions.era` picks the era. The timing terms are a small roofline model: decode is memory-bandwidth bound
 (every token reads the active weights and the KV cache), prefill is compute bound, a split runs its
 layers card after card with a cost per hop, and CPU layers run at host memory bandwidth. The two
 free constants (bandwidth efficiency and hop cost) are calibrated on the public measurements in
@@ -16,14 +16,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from launcher.facts import memory
 from launcher.facts.cards import CardSpec
 from launcher.facts.catalog import ModelSpec
+from launcher.facts.memory import MINIMUM_MEMORY_BYTES, Era
 
 MIB = 1024**2
 GIB = 1024**3
 
-# ml/device.go MinimumMemory: what every CUDA device keeps back beyond the model's own buffers.
-MINIMUM_MEMORY_BYTES = 457 * MIB
+__all__ = ["MINIMUM_MEMORY_BYTES", "Era"]
 DEFAULT_NUM_BATCH = 512
 # Ollama's kvCacheBytesPerElement (fs/ggml/ggml.go): q8_0 and q4_0 are counted as 1/2 and 1/4 of f16.
 KV_BYTES_PER_ELEMENT: dict[str, float] = {"f16": 2.0, "q8_0": 1.0, "q4_0": 0.5, "f32": 4.0}
@@ -34,7 +35,13 @@ SINGLE_CARD_FIT_FRACTION = 0.8
 DECODE_BW_EFFICIENCY = 0.95  # share of peak memory bandwidth a decode step reaches
 DECODE_COMPUTE_EFFICIENCY = 0.5  # share of peak FP16 the GEMV + dequantise work reaches
 PREFILL_COMPUTE_EFFICIENCY = 0.45  # share of peak FP16 a prompt batch reaches in llama.cpp
-HOP_S = 0.004  # per token, per card boundary: activation copy plus a pipeline bubble
+HOP_S = 0.003  # per token, per card boundary: activation copy plus a pipeline bubble
+# Per decode step, per card: kernel launches, synchronisation and sampling that do not shrink with
+# the model. It is what makes small models reach well under their bandwidth bound: the effective
+# bandwidth efficiency is DECODE_BW_EFFICIENCY x t / (t + DECODE_STEP_OVERHEAD_S), t the time
+# to read the card's share (`bandwidth_efficiency`); fitted to llama.cpp's published CUDA tg128
+# figures (tests/launcher/test_perf.py lists the points).
+DECODE_STEP_OVERHEAD_S = 0.0015
 RUNNER_START_S = 0.6  # llama-server start before weights stream in
 DEFAULT_LOAD_GBPS = 3.0  # page cache / NVMe -> host -> PCIe, GB/s
 DEFAULT_HOST_MEM_BW_GBPS = 60.0  # dual-channel DDR5, what CPU-offloaded layers run at
@@ -65,6 +72,7 @@ class LoadOptions:
     kv_cache_type: str = "f16"
     num_batch: int = DEFAULT_NUM_BATCH
     num_gpu: int = -1  # layers to offload, counting the output layer; -1 = as many as fit
+    era: Era = Era.HEAD  # whose memory model (launcher.facts.memory)
 
     def effective_ctx(self, spec: ModelSpec) -> int:
         """Per-slot context after Ollama caps it to the model's trained context."""
@@ -78,7 +86,7 @@ class CardShare:
     card: CardSpec
     layers: int  # repeating layers on this card
     has_output: bool  # llama.cpp puts the output layer on the last device
-    vram_bytes: int  # weights + KV + graph + minimum on this card
+    vram_bytes: int  # what the card holds: weights + KV + compute buffer (era A: + graph + minimum)
 
 
 @dataclass(frozen=True)
@@ -120,38 +128,14 @@ def kv_cache_bytes(spec: ModelSpec, opts: LoadOptions, layers: int | None = None
     context = opts.effective_ctx(spec) * opts.num_parallel
     per_layer = context * (spec.head_dim_k + spec.head_dim_v) * spec.head_count_kv
     n_layers = spec.block_count if layers is None else layers
-    return int(per_layer * KV_BYTES_PER_ELEMENT[opts.kv_cache_type] * n_layers)
+    # Sliding-window layers cache only their window (gemma2/3, gpt-oss), as Ollama's GraphSize does.
+    windowed = n_layers * spec.kv_layers(opts.effective_ctx(spec)) / max(spec.block_count, 1)
+    return int(per_layer * KV_BYTES_PER_ELEMENT[opts.kv_cache_type] * windowed)
 
 
 def graph_bytes(spec: ModelSpec, opts: LoadOptions) -> int:
-    """Compute-graph buffer one card reserves (Ollama's GraphSize, max of partial and full offload)."""
-    context = opts.effective_ctx(spec) * opts.num_parallel
-    batch = min(opts.effective_ctx(spec), opts.num_batch)
-    e, h, v = spec.embedding_length, spec.head_count, spec.vocab_size
-    hkv, dk = spec.head_count_kv, spec.head_dim_k
-    if spec.family in ("llama", "llama4"):
-        full = max(4 * batch * (1 + 4 * e + context * (1 + h)), 4 * batch * (e + v))
-        partial = 4 * batch * e + max(
-            4 * batch * (1 + e + max(context, e)) + e * e * 9 // 16 + 4 * context * (batch * h + dk * hkv),
-            4 * batch * (e + v) + e * v * 105 // 128,
-        )
-    elif spec.family == "qwen2":
-        full = max(4 * batch * (e + v), 4 * batch * (1 + 2 * e + context + context * h))
-        partial = max(
-            4 * batch * (e + v) + e * v * 105 // 128,
-            4 * (batch * (1 + 2 * e + context * (1 + h)) + e * (1 + context)),
-        )
-    elif spec.family.startswith("gemma"):
-        full = max(4 * batch * (e + v), 4 * batch * (2 + context + context * h + 2 * e + 2 * dk * h))
-        partial = max(
-            4 * e * batch + e * v * 105 // 128 + 4 * v * batch,
-            4 * batch * (2 * e + 1 + 2 * dk * h + context + context * h) + 4 * dk * context * 8 + e * dk * h * 9 // 16,
-        )
-    else:
-        # GraphSize's fallback for architectures without a formula of their own.
-        partial = max(h // max(hkv, 1), 1) * kv_cache_bytes(spec, opts) // 6
-        full = partial
-    return max(full, partial)
+    """Era A's compute-graph reserve per card (GraphSize), at these options."""
+    return memory.graph_bytes(spec, opts.effective_ctx(spec) * opts.num_parallel, opts.num_batch)
 
 
 def _bits_per_weight(spec: ModelSpec) -> float:
@@ -176,15 +160,31 @@ def layer_weight_bytes(spec: ModelSpec) -> int:
     return rest // max(spec.block_count, 1)
 
 
-def card_overhead_bytes(spec: ModelSpec, opts: LoadOptions) -> int:
-    """What each card holding part of the model reserves beyond weights and KV: graph + minimum."""
-    return graph_bytes(spec, opts) + MINIMUM_MEMORY_BYTES
+def card_overhead_bytes(spec: ModelSpec, opts: LoadOptions, *, has_output: bool = True) -> int:
+    """What a card holding part of the model holds beyond weights and KV: at HEAD its compute
+    buffer (larger on the card with the output layer), in era A the graph plus MinimumMemory."""
+    if opts.era is Era.A:
+        return graph_bytes(spec, opts) + MINIMUM_MEMORY_BYTES
+    return memory.compute_buffer_bytes(spec, opts.num_batch, has_output=has_output)
+
+
+def fit_margin_bytes(opts: LoadOptions) -> int:
+    """What must stay free on each card at load time beyond what it holds: --fit's target at HEAD."""
+    return 0 if opts.era is Era.A else memory.FIT_TARGET_BYTES
 
 
 def vram_needed_bytes(spec: ModelSpec, opts: LoadOptions, num_cards: int = 1) -> int:
-    """VRAM to hold the whole model on `num_cards` cards: weights + KV + per-card graph and minimum."""
+    """Free VRAM to load the whole model on `num_cards` cards: weights + KV + each card's overhead
+    (and, at HEAD, --fit's margin on each)."""
     weights = spec.file_size_bytes - token_embedding_bytes(spec)
-    return weights + kv_cache_bytes(spec, opts) + num_cards * card_overhead_bytes(spec, opts)
+    n = max(num_cards, 1)
+    overhead = card_overhead_bytes(spec, opts) + (n - 1) * card_overhead_bytes(spec, opts, has_output=False)
+    return weights + kv_cache_bytes(spec, opts) + overhead + n * fit_margin_bytes(opts)
+
+
+def held_bytes(spec: ModelSpec, opts: LoadOptions, num_cards: int = 1) -> int:
+    """What the loaded model holds on its cards when every layer is on them (what /api/ps reports)."""
+    return vram_needed_bytes(spec, opts, num_cards) - max(num_cards, 1) * fit_margin_bytes(opts)
 
 
 def _layer_bytes(spec: ModelSpec, opts: LoadOptions) -> int:
@@ -201,7 +201,8 @@ def split_layers(
     """Place the model over `cards` (card, free bytes), in the given order, layers in proportion to free.
 
     This is llama.cpp's default split (no tensor_split: proportional to each device's free memory),
-    with each card first keeping its graph and minimum. The output layer goes on the last card.
+    with each card first keeping its overhead (and --fit's margin at HEAD). The output layer goes on
+    the last card.
     Returns None when the model does not fit and `allow_cpu` is False; with `allow_cpu`, the layers
     that do not fit stay on the CPU (llama.cpp offloads the last layers, so the CPU keeps the first).
     """
@@ -209,10 +210,11 @@ def split_layers(
         if not allow_cpu:
             return None
         return Placement((), spec.block_count + 1, spec.file_size_bytes + kv_cache_bytes(spec, opts))
-    overhead = card_overhead_bytes(spec, opts)
+    overheads = [card_overhead_bytes(spec, opts, has_output=i == len(cards) - 1) for i in range(len(cards))]
+    margin = fit_margin_bytes(opts)
     per_layer = _layer_bytes(spec, opts)
     out_bytes = output_layer_bytes(spec)
-    usable = [max(0, free - overhead) for _, free in cards]
+    usable = [max(0, free - overhead - margin) for (_, free), overhead in zip(cards, overheads, strict=True)]
     # The output layer comes first on the last card, like llama.cpp places it; num_gpu counts it
     # (the last of the offloaded layers), so num_gpu = 0 keeps even it on the CPU.
     usable[-1] -= out_bytes
@@ -247,7 +249,7 @@ def split_layers(
         last = i == len(cards) - 1
         if n == 0 and not (last and has_output):
             continue
-        vram = n * (layer_weight_bytes(spec) + kv_layer) + overhead + (out_bytes if last and has_output else 0)
+        vram = n * (layer_weight_bytes(spec) + kv_layer) + overheads[i] + (out_bytes if last and has_output else 0)
         shares.append(CardShare(card, n, last and has_output, vram))
     cpu_bytes = (spec.block_count - placed) * (layer_weight_bytes(spec) + kv_layer)
     if not has_output:
@@ -274,7 +276,11 @@ def ollama_placement(
         return split_layers(spec, opts, [], allow_cpu=allow_cpu)
     if not spread and opts.num_gpu < 0:
         card, free = ordered[0]
-        if vram_needed_bytes(spec, opts, 1) <= SINGLE_CARD_FIT_FRACTION * free:
+        if opts.era is Era.A:
+            predicted = vram_needed_bytes(spec, opts, 1)
+        else:  # bestSingleGPUFit compares PredictServerVRAM with 80 % of the card's free memory
+            predicted = memory.predict_server_vram(spec, opts.num_ctx, opts.num_parallel)
+        if predicted <= SINGLE_CARD_FIT_FRACTION * free:
             return split_layers(spec, opts, [(card, free)])
     whole = split_layers(spec, opts, ordered)
     if whole is not None:
@@ -343,7 +349,14 @@ def decode_step_s(
         kv_read = batch * context_tokens * kv_per_token_layer * placement.cpu_layers
         step += (cpu_weights * weights_fraction + kv_read) / (host_mem_bw_gbps * 1e9)
     hops = max(len(placement.shares) - 1, 0) + (1 if placement.cpu_layers and placement.shares else 0)
-    return step + hops * HOP_S
+    return step + (DECODE_STEP_OVERHEAD_S if placement.shares else 0.0) + hops * HOP_S
+
+
+def bandwidth_efficiency(read_bytes: float, card: CardSpec) -> float:
+    """Share of the card's peak bandwidth one decode step reaches when it reads `read_bytes`:
+    near DECODE_BW_EFFICIENCY for large reads, much lower for small models (fixed per-step cost)."""
+    t = read_bytes / (card.mem_bw_gbps * 1e9 * DECODE_BW_EFFICIENCY)
+    return DECODE_BW_EFFICIENCY * t / (t + DECODE_STEP_OVERHEAD_S) if t > 0 else 0.0
 
 
 def tokens_per_second(

@@ -104,6 +104,7 @@ _POOLING_MEAN, _POOLING_CLS = 1, 2  # llama.cpp's enum llama_pooling_type
 # and has no tensor infos to count (a hand-made metadata-only file).
 _BITS_PER_WEIGHT = {"F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.69,
                     "Q5_0": 5.5, "Q4_K_M": 4.85, "Q4_K_S": 4.58, "Q4_0": 4.5, "Q3_K_M": 3.91, "Q2_K": 3.35}  # fmt: skip
+_VISION_BLOCKS = {"gemma3": 27, "mllama": 32, "mistral3": 24}
 _DEFAULT_CONTEXT_LENGTH = 2048  # llama.cpp's n_ctx_train fallback when a file states none
 
 
@@ -153,6 +154,12 @@ def gguf_metadata_for_spec(spec: ModelSpec) -> dict[str, object]:
         metadata[f"{arch}.expert_used_count"] = spec.expert_used_count
     if spec.active_parameter_count:
         metadata[ACTIVE_PARAMETER_COUNT_KEY] = spec.active_parameter_count
+    if spec.sliding_window:
+        metadata[f"{arch}.attention.sliding_window"] = spec.sliding_window
+    if spec.capabilities and "vision" in spec.capabilities:
+        # The vision tower rides in the model file (Ollama's one-file gemma3, mllama, mistral3); the
+        # depth is the published vision_config's num_hidden_layers.
+        metadata[f"{arch}.vision.block_count"] = _VISION_BLOCKS.get(arch, 24)
     if spec.embedding_only:
         metadata[f"{arch}.pooling_type"] = _POOLING_CLS if arch == "bert" else _POOLING_MEAN
     return metadata
@@ -235,4 +242,5 @@ def spec_from_gguf(source: Mapping[str, object] | GGUFFile, *, name: str, file_s
         expert_used_count=expert_used_count,
         active_parameter_count=active_parameter_count,
         embedding_only=pooling or arch in EMBEDDING_ARCHITECTURES,
+        sliding_window=_count(metadata, f"{arch}.attention.sliding_window", 0),
     )

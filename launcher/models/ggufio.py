@@ -93,6 +93,8 @@ class GGUFFile:
     expert_parameter_count: int  # elements of the MoE expert tensors ("*_exps"), a subset of the above
     tensor_data_offset: int  # where tensor data starts (after alignment padding)
     tensor_names: tuple[str, ...] = field(default=(), repr=False)
+    # (name, ggml type number, shape) of each tensor, in file order: what /api/show lists.
+    tensor_infos: tuple[tuple[str, int, tuple[int, ...]], ...] = field(default=(), repr=False)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -287,6 +289,7 @@ def _read_header(f: BinaryIO, max_array_items: int, with_tensors: bool) -> GGUFF
     if not with_tensors:
         return GGUFFile(version, cursor.order, metadata, tensor_count, 0, 0, 0)
     names: list[str] = []
+    infos: list[tuple[str, int, tuple[int, ...]]] = []
     parameter_count = expert_parameter_count = 0
     for index in range(tensor_count):
         cursor.what = f"tensor info {index + 1} of {tensor_count}"
@@ -294,9 +297,12 @@ def _read_header(f: BinaryIO, max_array_items: int, with_tensors: bool) -> GGUFF
         n_dims = cursor.u32()
         if n_dims > _MAX_TENSOR_DIMS:
             raise GGUFError(f"corrupt GGUF file: tensor {name!r} has {n_dims} dimensions")
-        elements = math.prod(cursor.u64() for _ in range(n_dims))
-        cursor.skip(4 + 8)  # ggml type, data offset
+        shape = tuple(cursor.u64() for _ in range(n_dims))
+        elements = math.prod(shape)
+        ggml_type = cursor.u32()
+        cursor.skip(8)  # data offset
         names.append(name)
+        infos.append((name, ggml_type, shape))
         parameter_count += elements
         if "_exps" in name:  # llama.cpp's stacked expert tensors: ffn_{gate,up,down}_exps
             expert_parameter_count += elements
@@ -313,6 +319,7 @@ def _read_header(f: BinaryIO, max_array_items: int, with_tensors: bool) -> GGUFF
         expert_parameter_count,
         data_offset,
         tuple(names),
+        tuple(infos),
     )
 
 

@@ -5,9 +5,11 @@
 (llama.cpp splits a model by the free memory of each device at load time), and then applies Ollama's
 own admission rule. It returns the placements, or the first reason it fails, worded for `corral plan`.
 
-Memory is counted with `launcher.facts.perf`'s estimate (weights + KV cache + compute graph + Ollama's
-per-card minimum), which is Ollama's own pre-load estimate, against each card's *usable* memory:
-free memory minus the reserve chosen in `[launcher]` (see `card_budgets`).
+Memory is counted with the memory model of the backend's Ollama era (`launcher.facts.memory`; at
+HEAD: weights + KV cache + a compute buffer per card, with llama-server --fit's 1 GiB left free on
+each card) against each card's *usable* memory: free memory minus the reserve chosen in
+`[launcher]` (see `card_budgets`). Ollama's own admission rule then uses its prediction
+(`llm.PredictServerVRAM` + the batch surcharge at HEAD).
 """
 
 from __future__ import annotations
@@ -18,12 +20,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from launcher.config import LauncherSettings
+from launcher.facts import memory
 from launcher.facts.cards import CardSpec
+from launcher.facts.memory import Era
+from launcher.facts.ollama import AUTO_NUM_CTX_TIERS, vram_default_num_ctx
 from launcher.facts.perf import (
     DEFAULT_HOST_MEM_BW_GBPS,
     SINGLE_CARD_FIT_FRACTION,
     LoadOptions,
     Placement,
+    fit_margin_bytes,
     split_layers,
     vram_needed_bytes,
 )
@@ -39,17 +45,9 @@ GIB = 1024**3
 COMPUTE_TIER_RESERVE_GIB: tuple[tuple[int, float], ...] = ((9, 6.0), (8, 4.0), (0, 2.0))
 
 
-# Ollama's automatic context tiers, largest first (server/routes.go Serve; sched.go nextLowerAutoNumCtx).
-TIER_CTX = (262144, 32768, 4096)
-
-
 def ollama_default_ctx(vram_total_bytes: int) -> int:
     """The num_ctx Ollama uses when neither the request nor OLLAMA_CONTEXT_LENGTH sets one."""
-    if vram_total_bytes >= 47 * GIB:
-        return 262144
-    if vram_total_bytes >= 23 * GIB:
-        return 32768
-    return 4096
+    return vram_default_num_ctx(vram_total_bytes)
 
 
 def ctx_default(request: ModelRequest, vram_total_bytes: int, settings: LauncherSettings) -> int:
@@ -68,7 +66,21 @@ def ctx_choices(request: ModelRequest, vram_total_bytes: int, settings: Launcher
     first = ctx_default(request, vram_total_bytes, settings)
     if request.entry.num_ctx or settings.context_length:
         return [first]
-    return sorted({min(t, first) for t in TIER_CTX}, reverse=True)
+    return sorted({min(t, first) for t in AUTO_NUM_CTX_TIERS}, reverse=True)
+
+
+def parallel_choices(request: ModelRequest, settings: LauncherSettings) -> list[int]:
+    """Slots to try, most first: the model's own num_parallel, or [launcher].num_parallel halved
+    down to 1 (the launcher's value is the most a backend gets, not a demand)."""
+    if request.spec.embedding_only:
+        return [1]
+    if request.entry.num_parallel:
+        return [request.entry.num_parallel]
+    choices, n = [], max(settings.num_parallel, 1)
+    while n > 1:
+        choices.append(n)
+        n //= 2
+    return [*choices, 1]
 
 
 def gib(n_bytes: float) -> str:
@@ -161,6 +173,7 @@ class Copy:
     request: ModelRequest
     num_ctx: int  # as asked (or the tier chosen); Ollama caps it to the model's trained context
     offload: bool = False  # layers that do not fit stay on the CPU
+    num_parallel: int = 0  # the slots planned for it (0: what it asks for); a backend runs the least
 
 
 def requested_parallel(request: ModelRequest, settings: LauncherSettings) -> int:
@@ -172,21 +185,26 @@ def backend_parallel(copies: Sequence[Copy], settings: LauncherSettings) -> int:
 
     Ollama runs embedding-only models with one slot whatever the setting, so they do not count.
     """
-    asks = [requested_parallel(c.request, settings) for c in copies if not c.request.spec.embedding_only]
+    asks = [
+        c.num_parallel or requested_parallel(c.request, settings) for c in copies if not c.request.spec.embedding_only
+    ]
     return min(asks) if asks else settings.num_parallel
 
 
-def load_options(c: Copy, num_parallel: int, settings: LauncherSettings) -> LoadOptions:
-    slots = 1 if c.request.spec.embedding_only else num_parallel
-    return LoadOptions(num_ctx=c.num_ctx, num_parallel=slots, kv_cache_type=settings.kv_cache_type)
-
-
-def ollama_predicted_bytes(c: Copy, opts: LoadOptions) -> int:
-    """What Ollama itself predicts before a load (llm.PredictServerVRAM at HEAD): file + f16 KV cache."""
+def load_options(
+    c: Copy, num_parallel: int, settings: LauncherSettings, era: Era = Era.HEAD, available_bytes: int = 0
+) -> LoadOptions:
+    """The options the model loads with; at HEAD num_batch is Ollama's automatic one for the
+    total context and the memory available (`available_bytes`, 0: unknown, the context's batch)."""
     spec = c.request.spec
-    head_dim = spec.embedding_length // max(spec.head_count, 1)
-    tokens = opts.effective_ctx(spec) * opts.num_parallel
-    return spec.file_size_bytes + 2 * spec.block_count * max(spec.head_count_kv, 1) * head_dim * tokens * 2
+    slots = 1 if spec.embedding_only else num_parallel
+    batch = memory.BATCH_DEFAULT
+    if era is Era.HEAD and not spec.embedding_only:
+        predicted = memory.predict_server_vram(spec, c.num_ctx, slots)
+        batch = memory.automatic_num_batch(memory.server_context(spec, c.num_ctx, slots), predicted, available_bytes)
+    return LoadOptions(
+        num_ctx=c.num_ctx, num_parallel=slots, kv_cache_type=settings.kv_cache_type, num_batch=batch, era=era
+    )
 
 
 @dataclass(frozen=True)
@@ -195,6 +213,7 @@ class FittedCopy:
     opts: LoadOptions
     placement: Placement
     card_bytes: tuple[int, ...]  # VRAM on each card of the backend, in the backend's card order
+    cards: tuple[CardSpec, ...] = ()  # the backend's cards, in its order (shares name them by identity)
 
     @property
     def vram_bytes(self) -> int:
@@ -225,16 +244,35 @@ def _names(fitted: Sequence[FittedCopy]) -> str:
 def _no_room(
     c: Copy, opts: LoadOptions, budgets: Sequence[CardBudget], left: Sequence[int], fitted: Sequence[FittedCopy]
 ) -> str:
-    need = vram_needed_bytes(c.request.spec, opts, len(budgets))
+    # The same figure as the plan's VRAM column (what the model would hold), and the margin apart.
+    n = max(len(budgets), 1)
+    margin = fit_margin_bytes(opts)
+    need = vram_needed_bytes(c.request.spec, opts, n) - n * margin
+    per_card = " per card" if n > 1 else ""
+    kept = f" (+ {gib(margin)}{per_card} that llama-server --fit keeps free)" if margin else ""
     cards = f" over {len(budgets)} cards" if len(budgets) > 1 else ""
     room = f"{gib(sum(max(0, x) for x in left))} left beside {_names(fitted)}" if fitted else f"{gib(sum(left))} free"
     reserves = [b.reserve_note for b in budgets if b.reserve_note]
     after = f" after the {reserves[0]}" if len(reserves) == 1 else (" after reserves" if reserves else "")
     ctx = opts.effective_ctx(c.request.spec)
-    return f"needs {gib(need)}{cards} at num_ctx {ctx} x {opts.num_parallel}; {_where(budgets)} has {room}{after}"
+    return (
+        f"needs {gib(need)}{cards} at num_ctx {ctx} x {opts.num_parallel}{kept}; "
+        f"{_where(budgets)} has {room}{after}"
+    )
 
 
-def _admission_failure(fitted: Sequence[FittedCopy], budgets: Sequence[CardBudget]) -> str:
+def _predicted_beside(f: FittedCopy, left: int) -> int:
+    """Ollama's prediction for reloading `f` when `left` bytes are free: the automatic num_batch
+    (and with it the surcharge) is chosen for that free memory (sched.go applyAutomaticGenerationBatch)."""
+    spec, opts = f.copy.request.spec, f.opts
+    predicted = memory.predict_server_vram(spec, opts.num_ctx, opts.num_parallel)
+    if spec.embedding_only:
+        return predicted
+    total = memory.server_context(spec, opts.num_ctx, opts.num_parallel)
+    return predicted + memory.generation_batch_surcharge(memory.automatic_num_batch(total, predicted, max(left, 0)))
+
+
+def _admission_failure(fitted: Sequence[FittedCopy], budgets: Sequence[CardBudget], era: Era) -> str:
     """Ollama's rule for loading a model while others stay loaded: it must need at most 80 % of what
     they leave free (server/sched.go; otherwise it evicts). Keep-alive expiry reloads models in any
     order, so every model must pass beside all the others, not only the last one planned.
@@ -243,7 +281,7 @@ def _admission_failure(fitted: Sequence[FittedCopy], budgets: Sequence[CardBudge
     for f in fitted:
         others = [o for o in fitted if o is not f]
         left = usable - sum(o.vram_bytes for o in others)
-        need = max(f.vram_bytes, ollama_predicted_bytes(f.copy, f.opts))
+        need = _predicted_beside(f, left) if era is Era.HEAD else f.vram_bytes
         if need > SINGLE_CARD_FIT_FRACTION * left:
             return (
                 f"Ollama would evict rather than load {f.copy.request.name} beside {_names(others)}: "
@@ -263,6 +301,7 @@ def evaluate(
     budgets: Sequence[CardBudget],
     copies: Sequence[Copy],
     settings: LauncherSettings,
+    era: Era = Era.HEAD,
 ) -> Evaluation:
     """Place `copies` (in priority order) on a backend over `budgets` (its cards, strongest first).
 
@@ -276,16 +315,16 @@ def evaluate(
     left = [b.usable_bytes for b in budgets]
     fitted: list[FittedCopy] = []
     for c in copies:
-        opts = load_options(c, num_parallel, settings)
+        opts = load_options(c, num_parallel, settings, era, sum(max(0, x) for x in left))
         cards = [(b.card, max(0, x)) for b, x in zip(budgets, left, strict=True)]
         placement = split_layers(c.request.spec, opts, cards, allow_cpu=c.offload or not budgets)
         if placement is None:
             return Evaluation(tuple(fitted), num_parallel, _no_room(c, opts, budgets, left, fitted))
         card_bytes = _card_bytes(placement, budgets)
         left = [x - used_now for x, used_now in zip(left, card_bytes, strict=True)]
-        fitted.append(FittedCopy(c, opts, placement, card_bytes))
+        fitted.append(FittedCopy(c, opts, placement, card_bytes, tuple(b.card for b in budgets)))
     if budgets and len(fitted) > 1:
-        failure = _admission_failure(fitted, budgets)
+        failure = _admission_failure(fitted, budgets, era)
         if failure:
             return Evaluation(tuple(fitted), num_parallel, failure)
     return Evaluation(tuple(fitted), num_parallel)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from gateway.record import BackendKind
 from launcher.config import LauncherSettings
+from launcher.facts.memory import Era
 from launcher.facts.ollama import default_max_loaded_models
 from launcher.facts.perf import tokens_per_second
 from launcher.planner.fit import CardBudget, Evaluation, FittedCopy, evaluate, gib, relative_speed, requested_parallel
@@ -35,6 +36,7 @@ def build_plan(
     requests: Sequence[ModelRequest],
     settings: LauncherSettings,
     findings: Findings,
+    era: Era = Era.HEAD,
 ) -> Plan:
     """Backends in card order (the CPU-only one last), ports `base_port + i` in that order."""
     ordered = sorted(drafts, key=lambda d: (not d.gpus, min(d.gpus, default=0)))
@@ -42,7 +44,7 @@ def build_plan(
     backends = []
     for n, d in enumerate(ordered):
         cards = [budgets[i] for i in d.gpus]
-        ev = evaluate(cards, d.copies, settings)
+        ev = evaluate(cards, d.copies, settings, era)
         models = tuple(_planned_model(d, f, findings, settings) for f in ev.fitted)
         backends.append(
             PlannedBackend(
@@ -83,7 +85,16 @@ def _planned_model(d: Draft, f: FittedCopy, findings: Findings, settings: Launch
         num_gpu=f.placement.gpu_layers if d.kind is BackendKind.CPU else -1,
         reason=findings.reasons.get((d.gpus, f.copy.request.name), ""),
         card_vram_bytes=f.card_bytes,
+        card_layers=_card_layers(f, d),
     )
+
+
+def _card_layers(f: FittedCopy, d: Draft) -> tuple[int, ...]:
+    """Layers on each of the backend's cards, as llama.cpp assigns them (in proportion to free memory)."""
+    if not d.gpus:
+        return ()
+    by_card = {id(s.card): s.layers + (1 if s.has_output else 0) for s in f.placement.shares}
+    return tuple(by_card.get(id(card), 0) for card in f.cards)
 
 
 def _backend_reason(d: Draft, cards: Sequence[CardBudget]) -> str:
@@ -99,7 +110,7 @@ def _parallel_warnings(d: Draft, ev: Evaluation, settings: LauncherSettings) -> 
     warnings = []
     for f in ev.fitted:
         req = f.copy.request
-        asked = requested_parallel(req, settings)
+        asked = f.copy.num_parallel or requested_parallel(req, settings)
         if not req.spec.embedding_only and asked > ev.num_parallel:
             warnings.append(
                 f"{req.name} gets num_parallel {ev.num_parallel} on {d.id}, not {asked}: "
@@ -168,10 +179,13 @@ def offload_warning(
     placement = fitted_copy(ev, req).placement
     tps = tokens_per_second(req.spec, placement, kv_cache_type=settings.kv_cache_type)
     if not slot.gpus:
-        return f"{req.name} runs on the CPU alone (~{tps:.1f} tokens/s): no free card holds even one of its layers"
+        why = "no free card holds even one of its layers"
+        if budgets:
+            why = "no card has room for any of its layers beside the models placed before it (see the rejections)"
+        return f"{req.name} is not served on a GPU: it runs on the CPU alone (~{tps:.1f} tokens/s); {why}"
     if need_bytes:
         have = sum(b.usable_bytes for b in budgets.values())
-        why = f"it needs {gib(need_bytes)} of GPU memory, the rig has {gib(have)}"
+        why = f"it needs {gib(need_bytes)} of GPU memory, the rig has {gib(have)} (short by {gib(need_bytes - have)})"
     else:
         why = "the cards that could hold it are taken by the models before it"
     return (

@@ -23,6 +23,7 @@ class PlannedModel:
     num_gpu: int = -1  # layers on GPU (Ollama's num_gpu); -1: all of them
     reason: str = ""
     card_vram_bytes: tuple[int, ...] = ()  # vram_bytes on each card, in the backend's gpu_indices order
+    card_layers: tuple[int, ...] = ()  # layers on each card (the output layer counts on the last)
 
 
 @dataclass(frozen=True)

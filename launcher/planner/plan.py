@@ -19,11 +19,12 @@ Assumptions, each one a decision `corral plan` shows:
   the same after an out-of-memory load), so the supervisor must pass the planned `num_ctx`.
   Every copy of a model gets the same context, so the gateway can send any request to any copy
   without forcing a reload.
-- Memory: launcher.facts.perf's estimate (weights + KV at num_ctx x num_parallel + graph + Ollama's
-  per-card minimum) against free memory minus the reserve (`planner_fit.card_budgets`). With
-  reserve = "ollama" nothing more is kept back, because the graph and minimum are already counted;
-  what Ollama adds on top is its admission rule: with other models loaded it loads a new one only
-  if it needs at most 80 % of the memory they leave, and evicts otherwise. A model planned beside
+- Slots: the model's own num_parallel, else [launcher].num_parallel halved down to 1 until it fits
+  (fewer slots on GPUs beat more partly on the CPU); an automatic context steps down first.
+- Memory: the backend's Ollama era (launcher.facts.memory; HEAD: weights + KV + a compute buffer
+  per card, with the 1 GiB --fit keeps free) against free memory minus the reserve. On top, Ollama's
+  admission rule: beside other models a new one loads only if its prediction (PredictServerVRAM +
+  batch surcharge) is at most 80 % of the memory they leave. A model planned beside
   others must pass that rule beside all of them (keep-alive expiry reloads them in any order),
   or the backend would keep evicting what we planned.
 - One backend per card: a card in a split group is never also given to a single-card backend.
@@ -49,11 +50,13 @@ from functools import cached_property
 from gateway.record import BackendKind
 from launcher.config import LauncherSettings, ModelEntry
 from launcher.facts.catalog import ModelSpec, normalize_name
+from launcher.facts.memory import Era
 from launcher.facts.perf import vram_needed_bytes
 from launcher.gpus.discovery import GpuInfo
 from launcher.planner.fit import (
     Copy,
     Evaluation,
+    backend_parallel,
     card_budgets,
     ctx_choices,
     ctx_default,
@@ -61,7 +64,7 @@ from launcher.planner.fit import (
     gib,
     gpu_matches,
     load_options,
-    requested_parallel,
+    parallel_choices,
 )
 from launcher.planner.output import Findings, build_plan, copy_reason, fitted_copy, offload_warning
 from launcher.planner.placement import Plan
@@ -86,18 +89,26 @@ class ModelRequest:
         return (not self.entry.hot, self.index)
 
 
-def plan(gpus: Sequence[GpuInfo], models: Sequence[ModelRequest], settings: LauncherSettings) -> Plan:
-    """Decide the backends for `models` on `gpus`. Pure and deterministic: same input, same plan.
+def plan(
+    gpus: Sequence[GpuInfo], models: Sequence[ModelRequest], settings: LauncherSettings, era: Era = Era.HEAD
+) -> Plan:
+    """Decide the backends for `models` on `gpus` for Ollama of `era`. Pure and deterministic.
 
     Never raises for a model that does not fit: it lands in `Plan.errors` with the shortfall, and
     every candidate turned down before the pick is a `Rejection` with its reason.
     """
-    return _Planner(gpus, models, settings).run()
+    return _Planner(gpus, models, settings, era).run()
+
+
+Setting = tuple[int, int]  # (num_parallel, num_ctx): what a copy is tried with
 
 
 class _Planner:
-    def __init__(self, gpus: Sequence[GpuInfo], models: Sequence[ModelRequest], settings: LauncherSettings) -> None:
+    def __init__(
+        self, gpus: Sequence[GpuInfo], models: Sequence[ModelRequest], settings: LauncherSettings, era: Era
+    ) -> None:
         self.settings = settings
+        self.era = era
         self.budgets, warnings = card_budgets(gpus, settings)
         self.found = Findings(warnings=warnings)
         self.pins: dict[str, tuple[int, ...]] = {}
@@ -105,7 +116,7 @@ class _Planner:
         self.drafts: list[Draft] = []
         # The look-ahead evaluates the same backends over and over; the answer depends only on the
         # cards and the copies (names are unique, settings fixed).
-        self._evaluations: dict[tuple[tuple[int, ...], tuple[tuple[str, int, bool], ...]], Evaluation] = {}
+        self._evaluations: dict[tuple[tuple[int, ...], tuple[tuple[str, int, bool, int], ...]], Evaluation] = {}
         self._left_out_cache: dict[object, frozenset[str]] = {}
         self.requests: list[ModelRequest] = []
         seen: dict[str, ModelRequest] = {}
@@ -125,10 +136,11 @@ class _Planner:
     # -- inputs ---------------------------------------------------------------------------------
 
     def _evaluate(self, gpus: tuple[int, ...], copies: tuple[Copy, ...]) -> Evaluation:
-        key = (gpus, tuple((c.request.name, c.num_ctx, c.offload) for c in copies))
+        key = (gpus, tuple((c.request.name, c.num_ctx, c.offload, c.num_parallel) for c in copies))
         ev = self._evaluations.get(key)
         if ev is None:
-            ev = self._evaluations[key] = evaluate([self.budgets[i] for i in gpus], copies, self.settings)
+            ev = evaluate([self.budgets[i] for i in gpus], copies, self.settings, self.era)
+            self._evaluations[key] = ev
         return ev
 
     def _resolve_pin(self, req: ModelRequest) -> tuple[int, ...] | None:
@@ -146,23 +158,39 @@ class _Planner:
     def _ctx_default(self, req: ModelRequest, gpus: Sequence[int]) -> int:
         return ctx_default(req, sum(self.budgets[i].gpu.memory_total_bytes for i in gpus), self.settings)
 
-    def _ctx_choices(self, req: ModelRequest, gpus: Sequence[int], fixed: int | None) -> list[int]:
+    def _choices(self, req: ModelRequest, gpus: Sequence[int], fixed: Setting | None) -> list[Setting]:
+        """(num_parallel, num_ctx) to try, best first: slots outer, context tiers inner."""
         if fixed:
             return [fixed]
-        return ctx_choices(req, sum(self.budgets[i].gpu.memory_total_bytes for i in gpus), self.settings)
+        contexts = ctx_choices(req, sum(self.budgets[i].gpu.memory_total_bytes for i in gpus), self.settings)
+        return [(par, ctx) for par in parallel_choices(req, self.settings) for ctx in contexts]
+
+    def _joining(self, req: ModelRequest, draft: Draft, choices: list[Setting]) -> list[Setting]:
+        """A model joining a backend takes the slots it runs with (OLLAMA_NUM_PARALLEL is per
+        process): stepping them down would slow the models already there. Only a model's own
+        num_parallel may lower them (with a warning)."""
+        running = backend_parallel(draft.copies, self.settings)
+        if req.entry.num_parallel or req.spec.embedding_only:
+            return choices
+        return [(min(running, par), ctx) for par, ctx in choices if par == choices[0][0]]
 
     def _min_ctx(self, req: ModelRequest) -> int:
-        return self._ctx_choices(req, (), None)[-1]
+        return self._choices(req, (), None)[-1][1]
+
+    def _least(self, req: ModelRequest) -> Copy:  # the smallest context and fewest slots it may get
+        par, ctx = self._choices(req, (), None)[-1]
+        return Copy(req, ctx, num_parallel=par)
 
     def _min_need_bytes(self, req: ModelRequest, num_cards: int = 1) -> int:
-        """VRAM the model needs at the least (smallest context it may get) on `num_cards` cards."""
-        opts = load_options(Copy(req, self._min_ctx(req)), requested_parallel(req, self.settings), self.settings)
+        """VRAM the model needs at the least (smallest context and slots) on `num_cards` cards."""
+        least = self._least(req)
+        opts = load_options(least, least.num_parallel, self.settings, self.era)
         return vram_needed_bytes(req.spec, opts, max(num_cards, 1))
 
     def _classify(self, req: ModelRequest) -> str:
         """Where the model fits on the empty rig, within its pin: "single", "split" or "offload"."""
         allowed = self.slots.allowed(req)
-        least = Copy(req, self._min_ctx(req))
+        least = self._least(req)
         if any(self._evaluate((i,), (least,)).ok for i in allowed):
             return "single"
         if len(allowed) > 1 and self._evaluate(allowed, (least,)).ok:
@@ -172,11 +200,12 @@ class _Planner:
     # -- filters: memory and admission (planner_fit), then the look-ahead -----------------------
 
     def _try(
-        self, req: ModelRequest, slot: Slot, num_ctx: int, drafts: Sequence[Draft]
+        self, req: ModelRequest, slot: Slot, setting: Setting, drafts: Sequence[Draft]
     ) -> tuple[list[Draft] | None, Evaluation]:
         base = drafts[slot.existing].copies if slot.existing is not None else ()
         offload = slot.kind is BackendKind.CPU
-        copies = tuple(sorted((*base, Copy(req, num_ctx, offload)), key=lambda c: c.request.priority))
+        par, num_ctx = setting
+        copies = tuple(sorted((*base, Copy(req, num_ctx, offload, par)), key=lambda c: c.request.priority))
         ev = self._evaluate(slot.gpus, copies)
         if ev.ok and offload and slot.gpus and not fitted_copy(ev, req).placement.gpu_layers:
             ev = Evaluation(ev.fitted, ev.num_parallel, "not one layer fits on these cards")
@@ -209,8 +238,11 @@ class _Planner:
             for slot in slots:
                 if slot.blocked:
                     continue
-                for num_ctx in self._ctx_choices(req, slot.gpus, None):
-                    new, _ = self._try(req, slot, num_ctx, drafts)
+                choices = self._choices(req, slot.gpus, None)
+                if slot.existing is not None:
+                    choices = self._joining(req, drafts[slot.existing], choices)
+                for setting in choices:
+                    new, _ = self._try(req, slot, setting, drafts)
                     if new is not None:
                         drafts, placed = new, True
                         break
@@ -220,7 +252,10 @@ class _Planner:
 
     def _left_out(self, later: tuple[ModelRequest, ...]) -> frozenset[str]:
         """The later models that find no room in the current state (memoized per state)."""
-        key = (tuple((d.gpus, tuple((c.request.name, c.num_ctx) for c in d.copies)) for d in self.drafts), later)
+        key = (
+            tuple((d.gpus, tuple((c.request.name, c.num_ctx, c.num_parallel) for c in d.copies)) for d in self.drafts),
+            later,
+        )
         cached = self._left_out_cache.get(key)
         if cached is None:
             cached = frozenset(name for name, placed in self._greedy(self.drafts, later) if not placed)
@@ -243,7 +278,7 @@ class _Planner:
         req: ModelRequest,
         slots: Iterator[Slot] | Sequence[Slot],
         *,
-        fixed_ctx: int | None,
+        fixed: Setting | None,
         later: Sequence[ModelRequest],
         purpose: str = "",
         first_copy: bool = False,
@@ -254,39 +289,41 @@ class _Planner:
         offload slot (and at the end) it takes the best GPU slot that fits even if a later model
         then finds no room. Further copies are never placed at another model's expense.
         """
-        fallback: tuple[Slot, int, list[Draft], Evaluation, str, str] | None = None
+        fallback: tuple[Slot, Setting, list[Draft], Evaluation, str, str] | None = None
         for slot in slots:
             if slot.kind is BackendKind.CPU and fallback is not None and first_copy:
                 break
             if slot.blocked:
                 self.found.rejections[(req.name, slot.label)] = slot.blocked
                 continue
-            tier_failure = ""
-            choices = self._ctx_choices(req, slot.gpus, fixed_ctx)
+            step_failure = ""  # why the first (most slots, largest context) choice was not taken
+            choices = self._choices(req, slot.gpus, fixed)
+            if slot.existing is not None and not fixed:
+                choices = self._joining(req, self.drafts[slot.existing], choices)
             if slot.kind is BackendKind.CPU:
-                choices = choices[-1:]  # offloading: the smallest context keeps the most layers on GPU
-            for num_ctx in choices:
-                new, ev = self._try(req, slot, num_ctx, self.drafts)
+                choices = choices[-1:]  # offloading: the least context and slots keep the most layers on GPU
+            for setting in choices:
+                new, ev = self._try(req, slot, setting, self.drafts)
                 if new is None:
-                    tier_failure = tier_failure or f"does not fit ({ev.failure})"
+                    step_failure = step_failure or f"does not fit ({ev.failure})"
                     if slot.record:
                         self.found.rejections[(req.name, slot.label)] = ev.failure
                     continue
                 crowded = self._crowded_out(new, later)
                 if crowded:
-                    tier_failure = tier_failure or f"would leave no room for {crowded}"
+                    step_failure = step_failure or f"would leave no room for {crowded}"
                     self.found.rejections[(req.name, slot.label)] = f"would leave no room for {crowded}"
                     if slot.kind is not BackendKind.CPU:
-                        fallback = fallback or (slot, num_ctx, new, ev, tier_failure, crowded)
+                        fallback = fallback or (slot, setting, new, ev, step_failure, crowded)
                     continue
-                self._commit(req, slot, num_ctx, new, ev, purpose, tier_failure, fixed_ctx)
+                self._commit(req, slot, setting, new, ev, purpose, step_failure, fixed)
                 return True
         if first_copy and fallback is not None:
-            slot, num_ctx, new, ev, tier_failure, crowded = fallback
+            slot, setting, new, ev, step_failure, crowded = fallback
             purpose = "; ".join(
                 p for p in (purpose, f"takes this place by priority: {crowded} then finds no room on a GPU") if p
             )
-            self._commit(req, slot, num_ctx, new, ev, purpose, tier_failure, fixed_ctx)
+            self._commit(req, slot, setting, new, ev, purpose, step_failure, fixed)
             return True
         return False
 
@@ -294,34 +331,42 @@ class _Planner:
         self,
         req: ModelRequest,
         slot: Slot,
-        num_ctx: int,
+        setting: Setting,
         drafts: list[Draft],
         ev: Evaluation,
         purpose: str,
-        tier_failure: str,
-        fixed_ctx: int | None,
+        step_failure: str,
+        fixed: Setting | None,
     ) -> None:
         self.drafts = drafts
         self.found.rejections.pop((req.name, slot.label), None)
         parts = [purpose] if purpose else []
         parts.append(copy_reason(req, slot, ev, self.klass[req.name], self.budgets))
+        par, num_ctx = setting
         first = self._ctx_default(req, slot.gpus)
+        top_par = parallel_choices(req, self.settings)[0]
         asked = req.entry.num_ctx or self.settings.context_length
-        # A further copy (fixed_ctx) has the first copy's context, explained there.
-        if not fixed_ctx and asked and asked > req.spec.context_length:
+        # A further copy (fixed) has the first copy's slots and context, explained there.
+        if not fixed and par < top_par and slot.kind is BackendKind.CPU:
+            parts.append(f"num_parallel {par}, not {top_par}: the fewest slots keep the most layers on GPU")
+        elif not fixed and par < top_par:
+            at = f"{top_par} slots x num_ctx {first}"
+            parts.append(f"num_parallel {par}, stepped down from {top_par}: at {at} it {step_failure}")
+        if not fixed and asked and asked > req.spec.context_length:
             parts.append(f"num_ctx {num_ctx}: the model's limit (asked {asked})")
-        elif not fixed_ctx and slot.kind is BackendKind.CPU and num_ctx < first:
+        elif not fixed and slot.kind is BackendKind.CPU and num_ctx < first:
             parts.append(f"num_ctx {num_ctx}: the smallest of Ollama's tiers, to keep the most layers on GPU")
-        elif not fixed_ctx and num_ctx < first:
-            parts.append(f"num_ctx {num_ctx}: Ollama's default here, {first}, {tier_failure}")
+        elif not fixed and num_ctx < first and par == top_par:
+            parts.append(f"num_ctx {num_ctx}: Ollama's default here, {first}, {step_failure}")
+        elif not fixed and num_ctx < first:
+            parts.append(f"num_ctx {num_ctx}: the automatic context stepped down from {first} by Ollama's tiers")
         self.found.reasons[(slot.gpus, req.name)] = "; ".join(parts)
         if slot.kind is BackendKind.CPU:
             need = self._min_need_bytes(req, len(self.budgets)) if self.klass[req.name] == "offload" else 0
             self.found.warnings.append(offload_warning(req, slot, ev, need, self.budgets, self.settings))
 
     def _unplaced_error(self, req: ModelRequest) -> str:
-        par = 1 if req.spec.embedding_only else requested_parallel(req, self.settings)
-        at = f"at num_ctx {self._min_ctx(req)} x {par}"
+        at = f"at num_ctx {self._min_ctx(req)} x {self._least(req).num_parallel}"
         if req.name in self.pins:
             cards = ", ".join(self.budgets[k].tag for k in self.pins[req.name])
             why = next((r for (name, _), r in self.found.rejections.items() if name == req.name), "")
@@ -371,15 +416,16 @@ class _Planner:
             pinned_to = self.pins.get(req.name)
             purpose = f"pinned to {', '.join(self.budgets[k].tag for k in pinned_to)}" if pinned_to else ""
             slots = self.slots.first_copy(req, self.drafts, offload=True)
-            if not self._place(req, slots, fixed_ctx=None, later=later, purpose=purpose, first_copy=True):
+            if not self._place(req, slots, fixed=None, later=later, purpose=purpose, first_copy=True):
                 self.found.errors.append(self._unplaced_error(req))
                 continue
             self._replicate(req, later)
-        return build_plan(self.drafts, self.budgets, self.requests, self.settings, self.found)
+        return build_plan(self.drafts, self.budgets, self.requests, self.settings, self.found, self.era)
 
     def _replicate(self, req: ModelRequest, later: Sequence[ModelRequest]) -> None:
         """Further copies at the first copy's context, each leaving room for the models after it."""
-        num_ctx = next(c.num_ctx for d in self.drafts for c in d.copies if c.request.name == req.name)
+        first = next(c for d in self.drafts for c in d.copies if c.request.name == req.name)
+        fixed = (first.num_parallel, first.num_ctx)
         wanted = req.entry.replicas
         if wanted == "auto":
             purpose = 'extra replica (replicas = "auto")'
@@ -387,16 +433,16 @@ class _Planner:
                 # One pass: a copy committed on one card leaves the other cards' slots as they were
                 # (drafts keep their positions), and a slot that failed cannot pass later.
                 for slot in list(self.slots.replica(req, self.drafts)):
-                    self._place(req, [slot], fixed_ctx=num_ctx, later=later, purpose=purpose)
+                    self._place(req, [slot], fixed=fixed, later=later, purpose=purpose)
                 return
             while self._place(
-                req, self.slots.replica(req, self.drafts), fixed_ctx=num_ctx, later=later, purpose=purpose
+                req, self.slots.replica(req, self.drafts), fixed=fixed, later=later, purpose=purpose
             ):
                 pass
             return
         for n in range(2, int(wanted) + 1):
             slots = self.slots.replica(req, self.drafts)
-            if not self._place(req, slots, fixed_ctx=num_ctx, later=later, purpose=f"replica {n} of {wanted}"):
+            if not self._place(req, slots, fixed=fixed, later=later, purpose=f"replica {n} of {wanted}"):
                 self.found.warnings.append(
                     f"{req.name}: replicas = {wanted}, but only {n - 1} placed: "
                     "no other card has room for it (see the rejections)"

@@ -115,6 +115,11 @@ async def status(request: web.Request) -> web.Response:
     return json_response({"cloud": {"disabled": True, "source": "corral-sim"}})
 
 
+async def _no_server_header(_request: web.Request, response: web.StreamResponse) -> None:
+    """Go's net/http (and so Ollama) sends no Server header; aiohttp adds one before this hook runs."""
+    response.headers.popall("Server", None)
+
+
 def create_app(settings: ServeSettings, clock: Clock) -> web.Application:
     """The simulated `ollama serve` as an aiohttp app; its SimService starts and stops with the app."""
     app = web.Application(middlewares=make_middlewares(settings), client_max_size=1 << 32)
@@ -127,6 +132,7 @@ def create_app(settings: ServeSettings, clock: Clock) -> web.Application:
         await service.close()
 
     app.cleanup_ctx.append(lifecycle)
+    app.on_response_prepare.append(_no_server_header)
     r = app.router
     r.add_get("/", models.root)  # GET and HEAD
     r.add_get("/api/version", models.version)

@@ -25,6 +25,7 @@ from launcher.facts.ollama import (
     env_keep_alive_s,
     env_uint,
     env_var,
+    vram_default_num_ctx,
 )
 from launcher.facts.perf import KV_BYTES_PER_ELEMENT
 from launcher.facts.strictconf import ConfigError
@@ -75,11 +76,7 @@ class ServeSettings:
         if self.context_length:
             return self.context_length
         total = sum(max(c.memory_total_bytes - self.gpu_overhead_bytes, 0) for c in self.cards)
-        if total >= 47 * GIB:
-            return 262144
-        if total >= 23 * GIB:
-            return 32768
-        return 4096
+        return vram_default_num_ctx(total)
 
     @property
     def host_mem_bytes(self) -> int:

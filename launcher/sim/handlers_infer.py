@@ -16,7 +16,7 @@ from aiohttp import web
 
 from launcher.facts.names import ModelName
 from launcher.facts.ollama import api_keep_alive_s as keep_alive_seconds
-from launcher.sim import textgen
+from launcher.sim import textgen, thinking
 from launcher.sim.gojson import (
     CHAT_REQUEST,
     EMBED_REQUEST,
@@ -130,9 +130,25 @@ def _is_unload(body: dict[str, Any]) -> bool:
     return body.get("keep_alive") is not None and keep_alive_seconds(body.get("keep_alive")) == 0
 
 
-def _think_requested(body: dict[str, Any]) -> bool:
-    think = body.get("think")
-    return think is True or think in ("high", "medium", "low", "max")
+NO_MULTIMODAL = "Multimodal data provided, but model does not support multimodal requests."
+
+
+def _check_think(model: InstalledModel, body: dict[str, Any], requested: str) -> None:
+    """A model without the thinking capability refuses think=true (or a level); false is fine."""
+    if "thinking" not in model.capabilities and thinking.requested(body.get("think")):
+        raise HandlerError(400, f'"{requested}" does not support thinking')
+
+
+def _extras(model: InstalledModel, body: dict[str, Any], images: int) -> dict[str, Any]:
+    """CompletionCall fields shared by generate and chat: thinking, logprobs, and what llama-server
+    refuses once loaded (images for a model without a vision tower or projector)."""
+    refused = (400, NO_MULTIMODAL) if images and "vision" not in model.capabilities else None
+    return {
+        "think_level": thinking.level(model, body.get("think")),
+        "logprobs": bool(body.get("logprobs")),
+        "top_logprobs": int(body.get("top_logprobs") or 0) if body.get("logprobs") else 0,
+        "runner_error": refused,
+    }
 
 
 Chunks = AsyncGenerator[dict[str, Any] | StreamError, None]
@@ -179,8 +195,10 @@ async def start_generate(service: SimService, body: dict[str, Any], clock: Reque
     raw = bool(body.get("raw"))
     if raw and (body.get("template") or body.get("system") or body.get("context")):
         raise HandlerError(400, "raw mode does not support template, system, or context")
-    if _think_requested(body):
-        raise HandlerError(400, f'"{requested}" does not support thinking')
+    _check_think(model, body, requested)
+    images = [i for i in body.get("images") or [] if i]
+    if images and len(images) > 1 and "mllama" in (model.details()["families"] or [model.spec.family]):
+        raise HandlerError(400, "this model only supports one image while more than one image requested")
     wanted = ["completion"] + (["insert"] if body.get("suffix") else [])
     if "completion" not in model.capabilities:
         raise HandlerError(400, f'"{requested}" does not support generate')
@@ -202,6 +220,16 @@ async def start_generate(service: SimService, body: dict[str, Any], clock: Reque
         messages = [*model.messages, {"role": "user", "content": prompt}] if not context else [{"content": prompt}]
         rendered = f"{system}\n{prompt}\n{body.get('suffix') or ''}"
         prompt_tokens = textgen.prompt_tokens_for_messages(messages, system) + len(context)
+    prompt_tokens += 768 * len(images)  # Ollama counts an image as 768 tokens
+    if body.get("_debug_render_only"):
+        lease.release()
+        if raw:
+            shown = prompt
+        elif body.get("suffix"):
+            shown = f"<PRE> {prompt} <SUF>{body['suffix']} <MID>"
+        else:
+            shown = render_chat([{"role": "user", "content": prompt, "images": images}], system)
+        return debug_reply(service, requested, shown, len(images), chat=False)
     call = CompletionCall(
         requested=requested,
         model=model,
@@ -212,6 +240,7 @@ async def start_generate(service: SimService, body: dict[str, Any], clock: Reque
         chat=False,
         context_text=None if raw else rendered,
         format_error=format_error,
+        **_extras(model, body, len(images)),
     )
     return completion_chunks(service, lease, clock, call)
 
@@ -253,8 +282,7 @@ async def start_chat(service: SimService, body: dict[str, Any], clock: RequestCl
         reply = {"model": requested, "created_at": now, "message": {"role": "assistant", "content": ""}}
         return {**reply, "done": True, "done_reason": "unload"}
     tools = body.get("tools") or []
-    if _think_requested(body):
-        raise HandlerError(400, f'"{requested}" does not support thinking')
+    _check_think(model, body, requested)
     if "completion" not in model.capabilities:
         raise HandlerError(400, f'"{requested}" does not support chat')
     if err := _capability_error(model, ["completion"] + (["tools"] if tools else [])):
@@ -270,6 +298,10 @@ async def start_chat(service: SimService, body: dict[str, Any], clock: RequestCl
     json_format, format_error = check_format(body.get("format"))
     history = [*model.messages, *messages]
     system = "" if messages[0]["role"] == "system" else model.system
+    images = sum(len(m.get("images") or []) for m in history)
+    if body.get("_debug_render_only"):
+        lease.release()
+        return debug_reply(service, requested, render_chat(history, system), images, chat=True)
     call = CompletionCall(
         requested=requested,
         model=model,
@@ -281,8 +313,27 @@ async def start_chat(service: SimService, body: dict[str, Any], clock: RequestCl
         tools=tools,
         tool_turn=_is_tool_turn(messages),
         format_error=format_error,
+        **_extras(model, body, images),
     )
     return completion_chunks(service, lease, clock, call)
+
+
+def render_chat(history: list[dict[str, Any]], system: str) -> str:
+    """The prompt our chat templates render (templates.py's shape), for _debug_render_only."""
+    parts = [f"<|system|>\n{system}<|end|>\n"] if system else []
+    for message in history:
+        images = "".join(f"[img-{i}]" for i in range(len(message.get("images") or [])))
+        parts.append(f"<|{message.get('role', '')}|>\n{images}{message.get('content') or ''}<|end|>\n")
+    return "".join(parts) + "<|assistant|>\n"
+
+
+def debug_reply(service: SimService, requested: str, rendered: str, images: int, *, chat: bool) -> dict[str, Any]:
+    """`_debug_render_only`: the rendered prompt in `_debug_info`, no inference (routes.go DebugRenderOnly)."""
+    now = format_time(service.clock.wall_time())
+    info: dict[str, Any] = {"rendered_template": rendered} | ({"image_count": images} if images else {})
+    body: dict[str, Any] = {"model": requested, "created_at": now}
+    body |= {"message": {"role": "", "content": ""}} if chat else {"response": ""}
+    return body | {"done": False, "_debug_info": info}
 
 
 async def embed(request: web.Request) -> web.Response:

@@ -215,6 +215,8 @@ def show_response(
     if model.messages:
         out["messages"] = [{"role": m.get("role", ""), "content": m.get("content", "")} for m in model.messages]
     out["model_info"] = model.model_info(full_metadata=full_metadata)
+    if tensors := model.tensors(service.store):
+        out["tensors"] = tensors
     if model.capabilities:
         out["capabilities"] = list(model.capabilities)
     out["modified_at"] = format_datetime(model.manifest.modified_at)

@@ -17,13 +17,14 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from launcher.sim import textgen
+from launcher.sim import logprobs, textgen, thinking
 from launcher.sim.engine import Progress
 from launcher.sim.gojson import format_time
 from launcher.sim.models import InstalledModel
 from launcher.sim.options import RequestOptions
 from launcher.sim.scheduler import Lease
 from launcher.sim.service import SimService
+from launcher.sim.structured import SchemaError
 from launcher.sim.wire import StreamError
 
 RUNNER_STOPPED = (
@@ -178,13 +179,28 @@ class CompletionCall:
     tools: Sequence[Any] = ()
     tool_turn: bool = False
     format_error: str | None = None  # what the runner answers a bad `format` with, once the model is loaded
+    think_level: str | None = None  # the model thinks first, at this level (thinking.level)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    runner_error: tuple[int, str] | None = None  # what llama-server refuses the request with (images)
 
 
-def decide(service: SimService, call: CompletionCall) -> tuple[list[str], str, list[dict[str, Any]]]:
-    """(tokens, done_reason, tool_calls) for a call: what the model will say."""
+def num_predict_for(call: CompletionCall) -> int:
+    """The token budget llama-server gets. num_predict 0 differs per route at Ollama HEAD: generate's
+    /completion request omits a zero n_predict (omitempty), so the answer is open-ended; chat sends
+    n_predict 0, and llama-server stops for want of budget after the first token ("length")."""
+    num_predict = call.options.num_predict
+    if num_predict == 0:
+        return 1 if call.chat else -1
+    return num_predict
+
+
+def decide(
+    service: SimService, call: CompletionCall, num_predict: int, salt: int = 0
+) -> tuple[list[str], str, list[dict[str, Any]]]:
+    """(tokens, done_reason, tool_calls) for a call: what the model will say. Raises SchemaError."""
     opts = call.options
     seed = opts.seed if opts.seed >= 0 else None
-    num_predict = opts.num_predict
     if call.tools and call.tool_turn:
         rng = random.Random(f"{call.model.key}|{call.prompt_key}|{seed}")
         calls = [_tool_call(rng, call.tools, 0)]
@@ -198,7 +214,7 @@ def decide(service: SimService, call: CompletionCall) -> tuple[list[str], str, l
         num_predict=num_predict,
         stop=opts.stop,
         json_format=call.json_format,
-        salt=service.next_salt() if seed is None and opts.temperature > 0 else 0,
+        salt=salt,
         length_range=(service.settings.rig.answer_tokens_min, service.settings.rig.answer_tokens_max),
     )
     return list(completion.tokens), completion.done_reason, []
@@ -216,13 +232,42 @@ async def completion_chunks(
         if call.format_error is not None:
             yield StreamError(call.format_error)
             return
-        tokens, reason, tool_calls = decide(service, call)
+        if call.runner_error is not None:
+            yield StreamError(call.runner_error[1], call.runner_error[0])
+            return
+        seed = call.options.seed if call.options.seed >= 0 else None
+        # Unseeded sampling above temperature 0 varies the whole answer (thinking, text, logprobs).
+        salt = service.next_salt() if seed is None and call.options.temperature > 0 else 0
+        varied = f"{seed}|{salt}"
+        thought: list[str] = []
+        if call.think_level:
+            thought = thinking.tokens(call.model.key, call.prompt_key, varied, call.think_level)
+        budget = num_predict_for(call)
+        cut_thinking = 0 <= budget < len(thought)
+        if cut_thinking:
+            thought = thought[:budget]
+        try:
+            rest = max(budget - len(thought), 0) if budget >= 0 else -1
+            tokens, reason, tool_calls = ([], "length", []) if cut_thinking else decide(service, call, rest, salt)
+        except SchemaError as e:
+            yield StreamError(str(e), 400)
+            return
         gen = Generation(prompt_tokens=call.prompt_tokens, done_reason=reason)
         visible = [] if tool_calls else tokens
-        async for token in run_tokens(service, lease, gen, tokens):
-            if tool_calls:
+        every = thought + tokens
+        entries = logprobs.for_tokens(f"{call.model.key}|{call.prompt_key}|{varied}", every, call.top_logprobs)
+        position = 0
+        async for token in run_tokens(service, lease, gen, every):
+            index, position = position, position + 1
+            if index < len(thought):
+                chunk = _chunk(call, clock, "", done=False, thinking=token)
+            elif tool_calls:
                 continue
-            yield _chunk(call, clock, token, done=False)
+            else:
+                chunk = _chunk(call, clock, token, done=False)
+            if call.logprobs:
+                chunk["logprobs"] = [entries[index]]
+            yield chunk
         if gen.stopped:
             yield StreamError(RUNNER_STOPPED)
             return
@@ -242,30 +287,40 @@ async def completion_chunks(
         lease.release()
 
 
-def _chunk(call: CompletionCall, clock: RequestClock, text: str, *, done: bool) -> dict[str, Any]:
+def _chunk(call: CompletionCall, clock: RequestClock, text: str, *, done: bool, thinking: str = "") -> dict[str, Any]:
     stamp = format_time(clock.service.clock.wall_time())
     if call.chat:
-        return {
-            "model": call.requested,
-            "created_at": stamp,
-            "message": {"role": "assistant", "content": text},
-            "done": done,
-        }
-    return {"model": call.requested, "created_at": stamp, "response": text, "done": done}
+        message = {"role": "assistant", "content": text} | ({"thinking": thinking} if thinking else {})
+        return {"model": call.requested, "created_at": stamp, "message": message, "done": done}
+    out = {"model": call.requested, "created_at": stamp, "response": text}
+    return out | ({"thinking": thinking} if thinking else {}) | {"done": done}
 
 
 def merge_chunks(chunks: Sequence[dict[str, Any]], *, chat: bool) -> dict[str, Any]:
     """The non-streaming reply: the text of all chunks with the last chunk's metadata."""
     last = dict(chunks[-1])
+    entries = [e for c in chunks for e in c.get("logprobs") or []]
     if chat:
-        message = dict(last["message"])
+        message = {"role": last["message"].get("role", "assistant")}
         message["content"] = "".join(c["message"].get("content", "") for c in chunks)
+        if thought := "".join(c["message"].get("thinking", "") for c in chunks):
+            message["thinking"] = thought
         calls = [tc for c in chunks for tc in c["message"].get("tool_calls", [])]
         if calls:
             message["tool_calls"] = calls
         last["message"] = message
     else:
-        last["response"] = "".join(c.get("response", "") for c in chunks)
+        head = {k: last.pop(k) for k in ("model", "created_at")}
+        last.pop("response", None)
+        body: dict[str, Any] = {"response": "".join(c.get("response", "") for c in chunks)}
+        if thought := "".join(c.get("thinking", "") for c in chunks):
+            body["thinking"] = thought
+        last = head | body | last
+    if entries:
+        # api.Logprob follows done/done_reason (and generate's context) and precedes the metrics.
+        metrics_at = next((i for i, k in enumerate(last) if k.endswith("_duration") or k.endswith("_count")), len(last))
+        items = list(last.items())
+        last = dict(items[:metrics_at]) | {"logprobs": entries} | dict(items[metrics_at:])
     return last
 
 

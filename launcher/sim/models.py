@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from launcher.facts.catalog import ModelSpec, find_model
-from launcher.models.gguf import GGUFArray, GGUFError, gguf_metadata_for_spec, read_gguf_metadata, spec_from_gguf
+from launcher.models.gguf import (
+    GGUFArray,
+    GGUFError,
+    gguf_metadata_for_spec,
+    read_gguf,
+    read_gguf_metadata,
+    spec_from_gguf,
+)
 from launcher.models.store import (
     MEDIA_TYPE_LICENSE,
     MEDIA_TYPE_MESSAGES,
@@ -27,6 +34,7 @@ from launcher.models.store import (
     Manifest,
     ModelStore,
 )
+from launcher.sim import showinfo
 
 DEFAULT_TEMPLATE = "{{ .Prompt }}"  # Ollama's template.DefaultTemplate
 # Architectures Ollama runs with one parallel slot whatever OLLAMA_NUM_PARALLEL says (sched.go load).
@@ -87,7 +95,32 @@ class InstalledModel:
             add("tools")
         if ".Suffix" in self.template:
             add("insert")
+        # thinking.InferTags: a .Thinking between two text tags (ours are <think> ... </think>).
+        if ".Thinking" in self.template and "<think>" in self.template and "</think>" in self.template:
+            add("thinking")
+        if self.config.get("model_family") in ("gptoss", "gpt-oss"):  # modelFamilyCapabilities
+            add("thinking")
         return tuple(caps)
+
+    @property
+    def harmony(self) -> bool:
+        """gpt-oss: Ollama parses its output with the harmony parser (shouldUseHarmony)."""
+        return self.spec.family == "gptoss" or self.config.get("model_family") in ("gptoss", "gpt-oss")
+
+    @property
+    def stand_in(self) -> bool:
+        """The model blob is the simulated registry's metadata-only file (or no GGUF at all)."""
+        return "tokenizer.ggml.model" not in self.gguf and "tokenizer.ggml.tokens" not in self.gguf
+
+    def tensors(self, store: ModelStore) -> list[dict[str, Any]]:
+        """/api/show `tensors`: the file's tensor infos; synthesised when it has none (the stand-in)."""
+        if self.gguf:
+            try:
+                if infos := read_gguf(store.blob_path(self.key)).tensor_infos:
+                    return showinfo.file_tensors(infos)
+            except (GGUFError, OSError, InvalidDigest):
+                return []
+        return showinfo.tensors(self.spec)
 
     @property
     def supports_context_shift(self) -> bool:
@@ -122,7 +155,12 @@ class InstalledModel:
         header with maxArraySize 0, so it keeps no array values and marshals them as null. A verbose
         show passes the header read with every array (`read_full_metadata`).
         """
-        source = full_metadata or self.gguf or gguf_metadata_for_spec(self.spec)
+        source = dict(full_metadata or self.gguf or gguf_metadata_for_spec(self.spec))
+        if self.stand_in:
+            # A real file of this model states these too (showinfo.py); the stand-in blob does not.
+            source |= {k: v for k, v in showinfo.extra_model_info(self.spec).items() if k not in source}
+            arrays = showinfo.tokenizer_arrays(self.spec)
+            source |= arrays if full_metadata is not None else {key: [0] for key in arrays}  # [0]: shown as null
         info: dict[str, Any] = {}
         for key, value in source.items():
             if key in ("general.name", "tokenizer.chat_template"):

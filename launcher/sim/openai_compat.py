@@ -59,6 +59,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             "options": sampling_options(req, chat=True),
             "stream": bool(req.get("stream")),
             "tools": req.get("tools") or [],
+            "logprobs": req.get("logprobs") is True,
+            "top_logprobs": req.get("top_logprobs") or 0,
+            "_debug_render_only": bool(req.get("_debug_render_only")),
         }
         if (fmt := response_format(req)) is not None:
             body["format"] = fmt
@@ -67,6 +70,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         started = await start_chat(service, body, clock)
     except HandlerError as e:
         return openai_error(e.status, e.message)
+    if isinstance(started, dict) and "_debug_info" in started:
+        return json_reply(_chat_completion(f"chatcmpl-{random.randrange(999)}", started))
     if isinstance(started, dict):
         started = _one(started)
     chat_id = f"chatcmpl-{random.randrange(999)}"
@@ -97,10 +102,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                     if not first_sent:
                         delta["role"] = "assistant"
                     delta["content"] = message.get("content", "")
+                    if message.get("thinking"):
+                        delta["reasoning"] = message["thinking"]
                     if calls:
                         delta["tool_calls"] = calls
                         tool_call_sent = True
-                    await sse.data(_chunk(chat_id, created, item["model"], delta, None))
+                    chunk = _chunk(chat_id, created, item["model"], delta, None)
+                    if item.get("logprobs"):
+                        chunk["choices"][0]["logprobs"] = {"content": item["logprobs"]}
+                    await sse.data(chunk)
                     first_sent = True
                 if item["done"]:
                     reason = item.get("done_reason") or "stop"
@@ -138,17 +148,25 @@ def _chat_completion(chat_id: str, final: dict[str, Any]) -> dict[str, Any]:
     if reason == "stop" and calls:
         reason = "tool_calls"
     out_message: dict[str, Any] = {"role": message.get("role", "assistant"), "content": message.get("content", "")}
+    if message.get("thinking"):
+        out_message["reasoning"] = message["thinking"]
     if calls:
         out_message["tool_calls"] = calls
-    return {
+    choice: dict[str, Any] = {"index": 0, "message": out_message, "finish_reason": reason}
+    if final.get("logprobs"):
+        choice["logprobs"] = {"content": final["logprobs"]}
+    out = {
         "id": chat_id,
         "object": "chat.completion",
         "created": unix(final["created_at"]),
         "model": final["model"],
         "system_fingerprint": "fp_ollama",
-        "choices": [{"index": 0, "message": out_message, "finish_reason": reason}],
+        "choices": [choice],
         "usage": usage(final),
     }
+    if "_debug_info" in final:
+        out["_debug_info"] = final["_debug_info"]
+    return out
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -163,6 +181,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
             "options": sampling_options(req, chat=False),
             "stream": bool(req.get("stream")),
         }
+        if isinstance(req.get("logprobs"), int) and req["logprobs"] > 0:  # FromCompleteRequest
+            body |= {"logprobs": True, "top_logprobs": req["logprobs"]}
         started = await start_generate(service, body, clock)
     except HandlerError as e:
         return openai_error(e.status, e.message)
@@ -182,7 +202,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 "created": unix(final["created_at"]),
                 "model": final["model"],
                 "system_fingerprint": "fp_ollama",
-                "choices": [{"text": final["response"], "index": 0, "finish_reason": final.get("done_reason") or None}],
+                "choices": [_text_choice(final["response"], final)],
                 "usage": usage(final),
             }
         )
@@ -199,9 +219,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
                     "id": cmpl_id,
                     "object": "text_completion",
                     "created": int(time.time()),
-                    "choices": [
-                        {"text": item["response"], "index": 0, "finish_reason": item.get("done_reason") or None}
-                    ],
+                    "choices": [_text_choice(item["response"], item)],
                     "model": item["model"],
                     "system_fingerprint": "fp_ollama",
                 }
@@ -215,6 +233,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
     except ConnectionError:
         pass
     return await sse.finish()
+
+
+def _text_choice(text: str, item: dict[str, Any]) -> dict[str, Any]:
+    choice: dict[str, Any] = {"text": text, "index": 0, "finish_reason": item.get("done_reason") or None}
+    if item.get("logprobs"):
+        choice["logprobs"] = {"content": item["logprobs"]}
+    return choice
 
 
 def _floats_base64(vector: list[float]) -> str:

@@ -24,6 +24,7 @@ from launcher.models.store import (
     MEDIA_TYPE_TEMPLATE,
     digest_of,
 )
+from launcher.sim.templates import template_with_capabilities
 
 # Chat templates in Ollama's Go template language. They are our own short ones; what matters to
 # clients is which variables they use (.Tools -> the "tools" capability, .Suffix -> "insert").
@@ -70,6 +71,10 @@ _STOPS: dict[str, list[str]] = {
     "qwen2": ["<|im_start|>", "<|im_end|>"],
     "gemma2": ["<start_of_turn>", "<end_of_turn>"],
     "gemma3": ["<end_of_turn>"],
+    "qwen3": ["<|im_start|>", "<|im_end|>"],
+    "qwen3moe": ["<|im_start|>", "<|im_end|>"],
+    "phi3": ["<|im_start|>", "<|im_end|>", "<|im_sep|>"],
+    "mistral3": ["[INST]"],
 }
 
 _STAND_IN = "\n(simulated stand-in for the license text shipped with the model)"
@@ -79,10 +84,19 @@ _LICENSES: dict[str, str] = {
     "gemma2": "Gemma Terms of Use" + _STAND_IN,
     "gemma3": "Gemma Terms of Use" + _STAND_IN,
     "qwen2": "Apache License\nVersion 2.0, January 2004" + _STAND_IN,
+    "qwen3": "Apache License\nVersion 2.0, January 2004" + _STAND_IN,
+    "qwen3moe": "Apache License\nVersion 2.0, January 2004" + _STAND_IN,
+    "gptoss": "Apache License\nVersion 2.0, January 2004" + _STAND_IN,
+    "mistral3": "Apache License\nVersion 2.0, January 2004" + _STAND_IN,
+    "mllama": "LLAMA 3.2 COMMUNITY LICENSE AGREEMENT" + _STAND_IN,
+    "phi3": "MIT License" + _STAND_IN,
+    "deepseek2": "MIT License" + _STAND_IN,
 }
 
 
 def template_for(spec: ModelSpec) -> str:
+    if spec.capabilities is not None:
+        return template_with_capabilities(spec)
     if spec.embedding_only:
         return _TEMPLATE_PROMPT
     if spec.family == "qwen2":

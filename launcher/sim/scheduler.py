@@ -12,6 +12,10 @@ The rules, in the order Ollama applies them (OLLAMA_FACTS.md sections 2.2 and 7)
   80 % of the free memory it would use, or a runner is evicted.
 * The victim is the idle runner with the shortest keep-alive (ties by model file); when none is idle
   the scheduler waits for the chosen one to finish its requests. It is never cut off mid-request.
+* Memory is HEAD's (launcher.facts.memory): the pre-flight check is PredictServerVRAM + surcharge
+  against 80 % of free; the load places buffers as llama-server --fit does. An out-of-memory load
+  (llm/status.go patterns) is retried once: an automatic context at the next lower tier, evicting
+  all others when some are loaded; else, with others loaded, after evicting them all.
 * When a runner's last request ends its keep-alive timer starts (0 = unload now, forever = never).
 """
 
@@ -25,6 +29,9 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any
 
+from launcher.facts import memory
+from launcher.facts.faults import is_out_of_memory
+from launcher.facts.ollama import next_lower_auto_num_ctx
 from launcher.facts.perf import (
     SINGLE_CARD_FIT_FRACTION,
     LoadOptions,
@@ -33,7 +40,6 @@ from launcher.facts.perf import (
     load_time_s,
     ollama_placement,
     prefill_s,
-    vram_needed_bytes,
 )
 from launcher.gpus.discovery import GpuInfo
 from launcher.sim.clock import Clock
@@ -45,8 +51,12 @@ log = logging.getLogger("corral.sim.sched")
 
 # The text and status Ollama answers with (sched.go ErrMaxQueue; two spaces after the period).
 MAX_QUEUE_ERROR = "server busy, please try again.  maximum pending requests exceeded"
-# What llama-server dies with when even host memory cannot hold the model.
-HOST_OOM_ERROR = "llama-server process has terminated: error loading model: unable to allocate CPU buffer"
+# What llama-server dies with when even host memory cannot hold the model (ggml's CPU buffer
+# allocation failing: "failed to allocate" is one of Ollama's out-of-memory patterns).
+HOST_OOM_ERROR = (
+    "llama runner process has terminated: ggml_backend_cpu_buffer_type_alloc_buffer: "
+    "failed to allocate buffer of size {size} bytes: out of memory"
+)
 
 
 class QueueFull(Exception):
@@ -94,6 +104,7 @@ class _Pending:
     key: LoadKey
     keep_alive_s: float | None
     future: asyncio.Future[Lease]
+    oom_retried: bool = False  # sched.go oomRetryAttempted: one retry after an out-of-memory load
 
 
 class Scheduler:
@@ -255,7 +266,14 @@ class Scheduler:
             elif len(self.loaded) >= self.settings.max_runners:
                 victim = self._find_runner_to_unload()
             else:
-                placement = self._fit(pending, require_full=bool(self.loaded))
+                try:
+                    placement = self._fit(pending, require_full=bool(self.loaded))
+                except LoadFailed as e:
+                    if not self._retry_after_oom(pending, str(e)):
+                        raise
+                    for other in list(self.loaded.values()):  # evictAllAndWait
+                        await self._evict(other)
+                    continue
                 if placement is not None:
                     await self._load(pending, placement)
                     return
@@ -264,6 +282,24 @@ class Scheduler:
                 await asyncio.sleep(0)
                 continue
             await self._evict(victim)
+
+    def _retry_after_oom(self, pending: _Pending, error: str) -> bool:
+        """sched.go after a failed load: once, and only for an out-of-memory error, retry an automatic
+        context at the next lower tier; else, with other models loaded, retry after evicting them."""
+        if pending.oom_retried or not is_out_of_memory(error):
+            return False
+        opts = pending.key.opts
+        effective = min(opts.num_ctx, pending.model.spec.context_length or opts.num_ctx)
+        lower = next_lower_auto_num_ctx(effective) if pending.key.num_ctx_auto else None
+        if lower is not None and lower < opts.num_ctx:
+            log.warning("load of %s ran out of memory; retrying once at num_ctx %d", pending.model.name, lower)
+            pending.key = replace(pending.key, opts=replace(opts, num_ctx=lower))
+        elif not self.loaded:
+            return False
+        else:
+            log.warning("load of %s ran out of memory; evicting all other models and retrying", pending.model.name)
+        pending.oom_retried = True
+        return True
 
     async def _evict(self, victim: Runner) -> None:
         """Expire `victim` now or when its requests end, and wait until it is gone."""
@@ -301,19 +337,28 @@ class Scheduler:
     def num_parallel_for(self, model: InstalledModel) -> int:
         return model.num_parallel_cap or max(self.settings.num_parallel, 1)
 
-    def load_options(self, model: InstalledModel, key: LoadKey) -> LoadOptions:
+    def load_options(self, model: InstalledModel, key: LoadKey, available: int = 0) -> LoadOptions:
+        """The options llama-server starts with; an automatic num_batch is Ollama's for the total
+        context and the `available` memory (sched.go automaticGenerationBatch)."""
+        parallel = self.num_parallel_for(model)
+        batch = key.opts.num_batch
+        if key.num_batch_auto and "completion" in model.capabilities:
+            predicted = memory.predict_server_vram(model.spec, key.opts.num_ctx, parallel)
+            total = memory.server_context(model.spec, key.opts.num_ctx, parallel)
+            batch = memory.automatic_num_batch(total, predicted, available)
         return LoadOptions(
             num_ctx=key.opts.num_ctx,
-            num_parallel=self.num_parallel_for(model),
+            num_parallel=parallel,
             kv_cache_type=self.settings.kv_cache_type,
-            num_batch=key.opts.num_batch,
+            num_batch=batch,
             num_gpu=key.opts.num_gpu,
         )
 
+
     def _fit(self, pending: _Pending, *, require_full: bool) -> Placement | None:
         """Where the model would go now; None when something must be evicted first. Raises LoadFailed."""
-        spec, opts = pending.model.spec, self.load_options(pending.model, pending.key)
         free = self.card_free_bytes()
+        spec, opts = pending.model.spec, self.load_options(pending.model, pending.key, sum(free))
         candidates = list(zip(self._cards, free, strict=True))
         main_gpu = pending.key.opts.main_gpu
         if opts.num_gpu == 0:
@@ -329,7 +374,7 @@ class Scheduler:
             placement = ollama_placement(spec, opts, candidates, spread=self.settings.sched_spread, allow_cpu=True)
             fits = placement is not None and placement.cpu_bytes <= host_free
             if not require_full and not fits:
-                raise LoadFailed(HOST_OOM_ERROR)
+                raise LoadFailed(HOST_OOM_ERROR.format(size=placement.cpu_bytes if placement else 0))
             return placement if fits else None
         placement = ollama_placement(spec, opts, candidates, spread=self.settings.sched_spread, allow_cpu=False)
         if placement is None:
@@ -337,7 +382,8 @@ class Scheduler:
         explicit_partial = 0 < opts.num_gpu < spec.block_count + 1
         if candidates and placement.shares and not explicit_partial:
             used_free = sum(f for _, f in candidates) if placement.is_split else max(f for _, f in candidates)
-            if vram_needed_bytes(spec, opts, len(placement.shares)) > SINGLE_CARD_FIT_FRACTION * used_free:
+            predicted = memory.predicted_for_load(spec, opts.num_ctx, opts.num_parallel, opts.num_batch)
+            if predicted > SINGLE_CARD_FIT_FRACTION * used_free:
                 return None
         if placement.cpu_bytes > host_free:
             return None

@@ -10,13 +10,14 @@ model's embedding length, seeded by the text.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from launcher.sim import structured
 
 MIN_TOKENS = 20
 MAX_TOKENS = 60
@@ -117,33 +118,6 @@ def _cut_at_stop(tokens: Sequence[str], stop: Sequence[str]) -> list[str] | None
     return None
 
 
-def _json_value(rng: random.Random, schema: Any, depth: int = 0) -> Any:
-    """A value for `schema`; parts of a schema that are not what JSON Schema allows there are ignored."""
-    if not isinstance(schema, dict):
-        schema = {}
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "string")
-    enum = schema.get("enum")
-    if isinstance(enum, list) and enum:
-        return rng.choice(enum)
-    if kind == "object" or "properties" in schema:
-        props = schema.get("properties")
-        return {str(k): _json_value(rng, v, depth + 1) for k, v in (props if isinstance(props, dict) else {}).items()}
-    if kind == "array":
-        items = schema.get("items", {"type": "string"})
-        return [_json_value(rng, items, depth + 1) for _ in range(rng.randint(1, 3))]
-    if kind == "integer":
-        return rng.randint(0, 100)
-    if kind == "number":
-        return round(rng.random() * 100, 2)
-    if kind == "boolean":
-        return rng.random() < 0.5
-    if kind == "string" or depth:
-        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))
-    return {"answer": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))), "score": rng.randint(0, 10)}
-
-
 def _json_tokens(text: str) -> list[str]:
     """Split JSON text into token-sized pieces (about four characters each)."""
     return [text[i : i + 4] for i in range(0, len(text), 4)]
@@ -172,8 +146,7 @@ def complete(
     )
     limited = False  # num_predict cuts the answer short
     if json_format is not None:
-        schema = json_format if isinstance(json_format, dict) else None
-        tokens = _json_tokens(json.dumps(_json_value(rng, schema), separators=(", ", ": ")))
+        tokens = _json_tokens(structured.answer(rng, json_format))  # raises structured.SchemaError
     else:
         n = rng.randint(*length_range)
         limited = 0 <= num_predict < n

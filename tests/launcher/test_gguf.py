@@ -54,7 +54,7 @@ def _fields_by_gguf_py(path: Path) -> dict[str, tuple[list[Any], Any]]:
 
 
 def _without_catalog_names(spec: ModelSpec) -> ModelSpec:
-    return dataclasses.replace(spec, aliases=())
+    return dataclasses.replace(spec, aliases=(), capabilities=None)  # the template's, not the file's
 
 
 # ------------------------------------------------------------------------------------- reading real files

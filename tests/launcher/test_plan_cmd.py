@@ -56,15 +56,21 @@ def test_the_example_config_prints_the_rig_the_cards_and_the_reasons(tmp_path: P
     header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["CARD"])
     card_rows = {line.split()[0]: line for line in lines[header + 1 : lines.index("", header)]}
     assert list(card_rows) == ["g0", "g1", "g2", "g3"]
-    assert "/ 24.0 GiB  g0" in card_rows["g0"] and "11500" in card_rows["g0"]
+    # PLANNED / FREE: free is what stays free after the plan, so the two add up to the card's 24 GiB.
+    planned, free = (float(x) for x in card_rows["g0"].split()[3:6:2])
+    assert planned + free == pytest.approx(24.0, abs=0.11) and "11500" in card_rows["g0"]
     assert "g2+g3 (split)  11502  llama3.3:70b" in card_rows["g2"]
     assert "g2+g3 (split)  11502  llama3.3:70b" in card_rows["g3"]
     assert any("llama3.1:8b" in line and "hot model: a card of its own (RTX 4090" in line for line in lines)
     assert any("llama3.3:70b" in line and "split over 2 cards: no single card holds it" in line for line in lines)
     why_not = lines[lines.index("why not elsewhere:") + 1 :]
     assert any(
-        "llama3.1:8b" in line and "g2 (RTX 3090):" in line and "no room for llama3.3:70b" in line for line in why_not
+        "llama3.1:8b" in line and "g2 (RTX 3090):" in line and "no room for qwen2.5:7b" in line for line in why_not
     )
+    # The split shows the layers llama.cpp gives each card (81 = 80 layers + the output layer).
+    split = next(line for line in lines if "llama3.3:70b" in line and "GiB (" in line)
+    left, right = split.split("GiB (")[1].split(" layers")[0].split("+")
+    assert int(left) + int(right) == 81
     assert "summary:" in lines
     assert proc.stderr == ""
 
@@ -224,3 +230,70 @@ def test_the_card_table_names_mig_instances_as_their_backends_do() -> None:
     rows = [line.split() for line in lines[header + 1 : lines.index("", header)]]
     # CARD (tag, name), PLANNED / FREE, BACKEND, PORT, MODELS
     assert [(row[0], row[-3]) for row in rows] == [("g0.0", "g0.0"), ("g0.1", "g0.1")]
+
+
+# -- the Ollama version decides the memory model -------------------------------------------------
+
+
+def _fake_ollama(tmp_path: Path, script: str) -> Path:
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir(exist_ok=True)
+    exe = bin_dir / "ollama"
+    exe.write_text("#!/bin/sh\n" + script)
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    return bin_dir
+
+
+def _plan_on_real_rig(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], script: str, models: str
+) -> str:
+    from launcher.commands import plan as plan_cmd
+    from launcher.gpus import discovery as gpus
+    from tests.support.fakenvml import FakeNvml, load_fixture
+
+    fake = FakeNvml(load_fixture("2x-rtx-4090"))
+    monkeypatch.setattr(gpus, "load_nvml", lambda: fake)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("PATH", str(_fake_ollama(tmp_path, script)))
+    config = _config(tmp_path, models)
+    code = plan_cmd.run(plan_cmd.argparse.Namespace(config=str(config), json=False))
+    out = capsys.readouterr().out
+    assert code == 0, out
+    return out
+
+
+SEED_70B = "[[models]]\nname = 'llama3.3:70b'\nnum_ctx = 8192\n"
+
+
+def test_a_real_rig_plans_with_the_memory_model_of_its_ollama_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = _plan_on_real_rig(tmp_path, monkeypatch, capsys, "echo 'ollama version is 0.12.10'\n", SEED_70B)
+    assert "memory model: Ollama 0.12.10: Ollama <= 0.29 (GraphSize estimate" in out
+    out = _plan_on_real_rig(tmp_path, monkeypatch, capsys, "echo 'ollama version is 0.33.0'\n", SEED_70B)
+    assert "memory model: Ollama 0.33.0: Ollama >= 0.30 (llm.PredictServerVRAM + llama-server --fit)" in out
+    assert "warning:" not in out.split("\n\n")[0]
+
+
+def test_an_unreadable_version_plans_with_heads_model_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = _plan_on_real_rig(tmp_path, monkeypatch, capsys, "echo 'segfault' >&2; exit 3\n", SEED_70B)
+    head = out.split("\n\n")[0]
+    assert "memory model: unknown Ollama version: Ollama >= 0.30" in head
+    assert "--version` failed (no version in its output: 'segfault'); planning with HEAD's memory model" in head
+
+
+def test_the_seeds_70b_on_a_real_2x_rtx_4090_is_split_over_both_cards_at_the_seeds_rate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # shared/seeds/001: 22.6 tokens/s with the 70B split over both 4090s. No num_parallel on the
+    # model, so the launcher's 4 slots are stepped down until it fits on the GPUs.
+    out = _plan_on_real_rig(tmp_path, monkeypatch, capsys, "echo 'ollama version is 0.33.0'\n", SEED_70B)
+    row = next(line for line in out.splitlines() if "llama3.3:70b" in line and "GiB (" in line)
+    cells = row.split()
+    assert cells[0] == "g0+g1" and "(split)" not in cells
+    tps = float(cells[cells.index("layers)") + 1])
+    assert tps == pytest.approx(22.6, rel=0.15)
+    assert "num_parallel" in row and "stepped down from 4" in row
+    assert "CPU" not in out.split("summary:")[0].split("why not elsewhere:")[0]

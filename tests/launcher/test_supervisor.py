@@ -241,7 +241,7 @@ async def test_crash_restarts_with_backoff_and_counts_restarts() -> None:
         ready_again.append(proc.restarts)
 
     supervisor = Supervisor(
-        [launch(planned(), "--crash-after-ready", "0.3")], FAST, store=store, on_restart_ready=on_restart_ready
+        [launch(planned(), "--crash-after-ready", "1.0")], FAST, store=store, on_restart_ready=on_restart_ready
     )
     async with supervisor as sup:
         assert await sup.start_all() == []
@@ -268,7 +268,9 @@ async def test_backoff_grows_per_crash_and_resets_after_a_stable_run(
         start_timeout_s=15.0, restart_backoff_s=0.05, restart_backoff_max_s=0.2, stable_after_s=stable_after_s
     )
     with caplog.at_level(logging.WARNING, logger="launcher.supervise.supervisor"):
-        async with Supervisor([launch(planned(), "--crash-after-ready", "0.2")], timing) as sup:
+        # 1 s up before each crash: longer than the health gate's slowest poll (0.5 s), so every
+        # start is seen ready before the crash, however slow the machine is.
+        async with Supervisor([launch(planned(), "--crash-after-ready", "1.0")], timing) as sup:
             assert await sup.start_all() == []
             await wait_for_restart(sup["g0"], 2, WAIT_S)
     restarts = [r.getMessage() for r in caplog.records if "restarting in" in r.getMessage()]
@@ -276,7 +278,7 @@ async def test_backoff_grows_per_crash_and_resets_after_a_stable_run(
 
 
 async def test_restart_clears_the_crashed_backends_runners() -> None:
-    async with Supervisor([launch(planned(), "--spawn-child", "--crash-after-ready", "0.5")], FAST) as sup:
+    async with Supervisor([launch(planned(), "--spawn-child", "--crash-after-ready", "1.0")], FAST) as sup:
         assert await sup.start_all() == []
         proc = sup["g0"]
         first_pid = proc.pid

@@ -14,13 +14,15 @@ from typing import Any
 import ollama
 import pytest
 
+from launcher.facts.faults import is_out_of_memory
 from launcher.sim.harness import SimServer, install_models
 
 
 @pytest.fixture(scope="module")
 def shared_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     models = tmp_path_factory.mktemp("shared") / "models"
-    install_models(models, "llama3.3:70b", "llama3.1:8b", "qwen2.5:7b", "qwen2.5:0.5b", "mistral:7b", "llama3.1:405b")
+    names = ("llama3.3:70b", "llama3.1:8b", "qwen2.5:7b", "qwen2.5:14b", "qwen2.5:0.5b", "mistral:7b", "llama3.1:405b")
+    install_models(models, *names)
     return models
 
 
@@ -54,17 +56,20 @@ def test_cpu_offload_then_eviction_when_the_next_model_does_not_fit(tmp_path: Pa
         # llama3.1:8b at 64K needs ~17 GiB: the card is full, so the idle 70B model goes.
         client.generate(model="llama3.1:8b", prompt="hi", options={"num_ctx": 65536, "num_predict": 2})
         assert list(_ps(sim)) == ["llama3.1:8b"]
-        # qwen2.5:7b at 32K needs ~8.5 GiB more than the ~7 GiB left: llama3.1:8b is evicted too.
-        client.generate(model="qwen2.5:7b", prompt="hi", options={"num_ctx": 32768, "num_predict": 2})
-        assert list(_ps(sim)) == ["qwen2.5:7b"]
+        # qwen2.5:14b at 32K is predicted at ~15 GiB (file + f16 KV + 768 MiB batch surcharge), over
+        # 80 % of the ~11 GiB left: llama3.1:8b is evicted too.
+        client.generate(model="qwen2.5:14b", prompt="hi", options={"num_ctx": 32768, "num_predict": 2})
+        assert list(_ps(sim)) == ["qwen2.5:14b"]
         # Small enough to share: both stay.
         client.generate(model="qwen2.5:0.5b", prompt="hi", options={"num_ctx": 4096, "num_predict": 2})
-        assert sorted(_ps(sim)) == ["qwen2.5:0.5b", "qwen2.5:7b"]
+        assert sorted(_ps(sim)) == ["qwen2.5:0.5b", "qwen2.5:14b"]
         assert sim.log().count("evicting") == 2
-        # 243 GB can never fit, not even with the CPU's 64 GB: everything is evicted, then it fails.
+        # 243 GB can never fit, not even with the CPU's 64 GB: everything is evicted, the automatic
+        # context is retried once at 4096, then it fails with an error Ollama counts as out of memory.
         with pytest.raises(ollama.ResponseError) as e:
             client.generate(model="llama3.1:405b", prompt="hi")
-        assert e.value.status_code == 500 and "unable to allocate CPU buffer" in e.value.error
+        assert e.value.status_code == 500 and is_out_of_memory(e.value.error)
+        assert "retrying once at num_ctx 4096" in sim.log()
         assert _ps(sim) == {}
 
 
@@ -266,3 +271,83 @@ def test_warm_requests_report_no_load_time_even_when_others_are_decoding(tmp_pat
             t.join()
     assert len(replies) == 120
     assert max(r.get("load_duration", 0) for r in replies) < 0.5e9
+
+
+# -- HEAD's memory model: /api/ps sizes and the out-of-memory retry ------------------------------
+
+
+def test_ps_reports_model_kv_and_compute_buffers_as_head_does(tmp_path: Path, shared_store: Path) -> None:
+    from launcher.facts import memory
+    from launcher.facts.catalog import find_model
+
+    spec = find_model("llama3.1:8b")
+    assert spec is not None
+    with SimServer.start(tmp_path, gpus=["RTX 4090"], models_dir=shared_store) as sim:
+        with ollama.Client(host=sim.url) as client:
+            client.generate(model="llama3.1:8b", prompt="", options={"num_ctx": 8192})
+        entry = _ps(sim)["llama3.1:8b"]
+    # All on the card: weights (less the token embeddings llama.cpp keeps on the host), 1 GiB of
+    # f16 KV for 8192 tokens, and a compute buffer of a few hundred MiB; no graph reserve.
+    assert entry["size"] == entry["size_vram"]
+    predicted = memory.predict_server_vram(spec, 8192, 1)
+    assert predicted - 0.5 * 1024**3 < entry["size_vram"] < predicted + 0.5 * 1024**3
+    assert entry["context_length"] == 8192
+
+
+def test_an_automatic_context_that_runs_out_of_memory_is_retried_at_the_next_tier(tmp_path: Path) -> None:
+    # On an H100 Ollama's default context is 262144 (capped to the model's 131072); with 8 slots the
+    # KV cache alone is 128 GiB: the card holds ~18 of the 32 layers, and the ~56 GiB that --fit
+    # would leave on the host do not fit this box's 32 GB. Ollama retries once at 32768 (sched.go
+    # nextLowerAutoNumCtx), where the model loads fully on the card.
+    models = tmp_path / "models"
+    install_models(models, "llama3.1:8b")
+    env = {"OLLAMA_NUM_PARALLEL": "8"}
+    with SimServer.start(tmp_path, gpus=["H100"], models_dir=models, env=env, sim={"host_mem_gb": 32}) as sim:
+        with ollama.Client(host=sim.url) as client:
+            reply = client.generate(model="llama3.1:8b", prompt="hi", options={"num_predict": 2})
+        assert reply.done
+        entry = _ps(sim)["llama3.1:8b"]
+        assert entry["context_length"] == 32768
+        assert entry["size"] == entry["size_vram"]
+        assert "ran out of memory; retrying once at num_ctx 32768" in sim.log()
+
+
+def test_an_asked_context_that_runs_out_of_memory_is_not_retried_at_a_lower_one(tmp_path: Path) -> None:
+    # num_ctx set by the request: no lower tier to try. The other model is evicted first (the
+    # prediction is over 80 % of the free memory), then the load itself runs out of host memory.
+    models = tmp_path / "models"
+    install_models(models, "llama3.1:8b", "qwen2.5:0.5b")
+    with (
+        SimServer.start(
+            tmp_path, gpus=["RTX 4090"], models_dir=models, env={"OLLAMA_NUM_PARALLEL": "4"}, sim={"host_mem_gb": 8}
+        ) as sim,
+        ollama.Client(host=sim.url) as client,
+    ):
+        client.generate(model="qwen2.5:0.5b", prompt="hi", options={"num_ctx": 2048, "num_predict": 2})
+        with pytest.raises(ollama.ResponseError) as e:
+            client.generate(model="llama3.1:8b", prompt="hi", options={"num_ctx": 131072, "num_predict": 2})
+        assert e.value.status_code == 500 and is_out_of_memory(e.value.error)
+        assert "retrying once" not in sim.log()
+        assert _ps(sim) == {}
+
+
+def test_what_the_planner_plans_for_the_seeds_70b_loads_fully_on_the_cards(tmp_path: Path, shared_store: Path) -> None:
+    # The planner puts llama3.3:70b at 8192 x 2 on 2x RTX 4090 (a split, OLLAMA_SCHED_SPREAD=1); the
+    # simulated Ollama, with the same memory model, loads it there with nothing on the CPU.
+    from launcher.config import LauncherSettings, ModelEntry, SimGpu
+    from launcher.facts.catalog import find_model
+    from launcher.gpus.discovery import simulated_inventory
+    from launcher.planner.plan import ModelRequest, plan
+
+    spec = find_model("llama3.3:70b")
+    assert spec is not None
+    cards = simulated_inventory([SimGpu(name="RTX 4090"), SimGpu(name="RTX 4090")])
+    request = ModelRequest(ModelEntry("llama3.3:70b", num_ctx=8192), spec)
+    (backend,) = plan(cards, [request], LauncherSettings()).backends
+    env = {"OLLAMA_NUM_PARALLEL": str(backend.num_parallel), "OLLAMA_SCHED_SPREAD": "1"}
+    with SimServer.start(tmp_path, gpus=["RTX 4090", "RTX 4090"], models_dir=shared_store, env=env) as sim:
+        with ollama.Client(host=sim.url) as client:
+            client.generate(model="llama3.3:70b", prompt="", options={"num_ctx": 8192})
+        entry = _ps(sim)["llama3.3:70b"]
+    assert entry["size_vram"] == entry["size"]
+    assert abs(entry["size_vram"] - backend.models[0].vram_bytes) < 0.5 * 1024**3

@@ -133,8 +133,9 @@ async def test_expire_runner_waits_for_the_request_in_flight(store: ModelStore, 
 
 async def test_a_model_that_does_not_fit_evicts_the_idle_one(store: ModelStore, one_4090: Pair) -> None:
     sched, clock = one_4090
-    # llama3.1:8b at 64K context needs ~17 GiB of the 24 GiB card; qwen2.5:7b at 32K another ~8.5 GiB.
-    (await acquire(sched, clock, model(store, "llama3.1:8b"), key(num_ctx=65536))).release()
+    # llama3.1:8b at 128K holds ~21 GiB of the 24 GiB card; qwen2.5:7b at 32K is predicted at ~7 GiB
+    # (file + f16 KV + 768 MiB surcharge), over 80 % of what is left.
+    (await acquire(sched, clock, model(store, "llama3.1:8b"), key(num_ctx=131072))).release()
     lease = await acquire(sched, clock, model(store, "qwen2.5:7b"), key(num_ctx=32768))
     assert [r.model.name for r in sched.loaded.values()] == ["qwen2.5:7b"]
     assert sched.evictions == 1
@@ -152,7 +153,7 @@ async def test_small_models_share_the_card(store: ModelStore, one_4090: Pair) ->
 
 async def test_a_busy_model_is_not_evicted_until_its_request_ends(store: ModelStore, one_4090: Pair) -> None:
     sched, clock = one_4090
-    busy = await acquire(sched, clock, model(store, "llama3.1:8b"), key(num_ctx=65536))
+    busy = await acquire(sched, clock, model(store, "llama3.1:8b"), key(num_ctx=131072))
     waiting = asyncio.create_task(sched.acquire(model(store, "qwen2.5:7b"), key(num_ctx=32768), keep_alive_s=None))
     await clock.advance(100)
     assert not waiting.done()
@@ -265,7 +266,7 @@ async def test_cpu_only_backend_holds_everything_in_host_memory(store: ModelStor
 async def test_a_model_too_large_for_host_memory_fails(store: ModelStore) -> None:
     sched, clock = await make(["RTX 3060"], host_mem_bytes=8 * 1024**3)
     try:
-        with pytest.raises(LoadFailed, match="unable to allocate CPU buffer"):
+        with pytest.raises(LoadFailed, match="failed to allocate buffer of size"):
             await acquire(sched, clock, model(store, "llama3.3:70b"))
     finally:
         await sched.close()
