@@ -41,7 +41,7 @@ from gateway.fleet.pool import BackendPool
 from gateway.metrics import FleetCollector, Metrics, metrics_response
 from gateway.record import BackendKind, BackendRecord
 from gateway.routing.policy import make_policy
-from gateway.state.health import StoreHealth
+from gateway.state.health import StoreHealth, reraise_if_cancelled
 from gateway.state.store import StateStore
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,7 @@ async def _static_backends(app: web.Application) -> AsyncIterator[None]:
             try:
                 await publish()
             except Exception as e:  # keep trying; the records outlive a short store outage
+                reraise_if_cancelled()
                 app[appkeys.STORE_HEALTH].failed(e)
 
     await publish()

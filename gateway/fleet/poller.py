@@ -22,7 +22,7 @@ from gateway.fleet.modelfacts import facts_from_catalog, facts_from_show
 from gateway.fleet.pool import BackendPool, row_model_name
 from gateway.fleet.records import RecordMemory
 from gateway.metrics import Metrics
-from gateway.state.health import StoreHealth
+from gateway.state.health import StoreHealth, reraise_if_cancelled
 from gateway.state.store import StateStore
 from launcher.models.show import needs_verbose
 
@@ -78,8 +78,14 @@ class Poller:
         for task in tasks:
             task.cancel()
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            for _ in range(10):  # a task that swallowed its cancel (a library turned it into an error) gets another
+                done, _pending = await asyncio.wait([task], timeout=1.0)
+                if done:
+                    break
+                task.cancel()
+            if task.done() and not task.cancelled():
+                with contextlib.suppress(Exception):
+                    task.result()
         self._tasks.clear()
         self._main = None
 
@@ -121,8 +127,10 @@ class Poller:
             await asyncio.sleep(self.settings.poll_interval_s)
             # A store outage (Redis restart) must not stop the gateway: sync_records noted it in
             # store_health (one warning per outage), and the pool keeps what it last saw.
-            with contextlib.suppress(Exception):
+            try:
                 await self.sync_records()
+            except Exception:
+                reraise_if_cancelled()
 
     def _start_tasks(self, backend_id: str) -> None:
         self._tasks[backend_id] = [

@@ -8,6 +8,7 @@ this tracker every failed store call logged its own warning (2,727 lines in 12 s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -59,3 +60,12 @@ class StoreHealth:
         for callback in list(self.on_recover):
             callback()
         return True
+
+
+def reraise_if_cancelled() -> None:
+    """Call in an `except Exception` around a store call inside a loop: redis-py can turn the
+    CancelledError of a task being stopped into a connection error, and a loop that swallowed it
+    would go on forever while its owner waits for it to end."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

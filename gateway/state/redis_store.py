@@ -24,20 +24,14 @@ import uuid
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.record import BackendRecord
+from gateway.state.health import reraise_if_cancelled
 from launcher.facts.gpuinfo import PublishedGpu
 
 log = logging.getLogger(__name__)
 
 _SEP = "\x1f"
-
-REDIS_CONNECT_TIMEOUT_S = 1.0
-REDIS_COMMAND_TIMEOUT_S = 2.0
 
 # Decrement a hash field without going below zero; remove it at zero so reads stay small.
 _DECR_SCRIPT = """
@@ -74,18 +68,7 @@ class RedisStore:
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "corral:", owner_ttl_s: float = 30.0) -> RedisStore:
-        # A restarted Redis leaves every pooled connection dead: each command retries once on a
-        # fresh one instead of failing (which read as a new outage right after the recovery).
-        # Timeouts keep a hung Redis from holding the callers (who go on without the store).
-        client = aioredis.from_url(
-            url,
-            decode_responses=True,
-            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
-            socket_timeout=REDIS_COMMAND_TIMEOUT_S,
-            retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        )
-        return cls(client, prefix=prefix, owner_ttl_s=owner_ttl_s)
+        return cls(aioredis.from_url(url, decode_responses=True), prefix=prefix, owner_ttl_s=owner_ttl_s)
 
     def _k(self, *parts: str) -> str:
         return self._prefix + ":".join(parts)
@@ -177,8 +160,10 @@ class RedisStore:
         interval_s = self._owner_ttl_ms / 3000
         while True:
             await asyncio.sleep(interval_s)
-            with contextlib.suppress(aioredis.RedisError, OSError):
+            try:
                 await self._redis.pexpire(self._inflight_key, self._owner_ttl_ms)
+            except (aioredis.RedisError, OSError):
+                reraise_if_cancelled()  # close() waits for this loop to end
 
     async def incr_in_flight(self, backend_id: str, model: str) -> int:
         self._ensure_refresher()

@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 
 from gateway.record import BackendRecord, BackendState
-from gateway.state.health import StoreHealth
+from gateway.state.health import StoreHealth, reraise_if_cancelled
 from gateway.state.store import StateStore
 from launcher.facts.ollama import context_length_env
 from launcher.supervise.backend import (
@@ -327,6 +327,7 @@ class Supervisor:
             try:
                 current = await self.store.generation()
             except Exception as e:
+                reraise_if_cancelled()  # close() waits for this loop to end
                 self.store_health.failed(e)
                 continue
             recovered = self.store_health.succeeded()
@@ -346,6 +347,7 @@ class Supervisor:
             try:
                 await self.publish(proc)
             except Exception as e:
+                reraise_if_cancelled()
                 self.store_health.failed(e)
                 return
 
