@@ -24,20 +24,24 @@ from aiohttp import web
 from gateway import appkeys
 from gateway.api import fleetwide as fleet
 from gateway.api.accesslog import access_middleware, stamp_reply
+from gateway.api.activity import Activity
 from gateway.api.admission import WaitQueues
 from gateway.api.auth import ApiKeys, auth_middleware, load_keys
+from gateway.api.capacity import capacity
 from gateway.api.cors import OriginPolicy, add_cors_headers, cors_middleware
 from gateway.api.dispatch import handle_model_call
 from gateway.api.errors import error_for, method_not_allowed_page, not_found_page
 from gateway.api.hosts import hosts_middleware
 from gateway.api.lifecycle import RequestTracker
 from gateway.api.limits import limits_middleware
-from gateway.api.ready import StartupGate, ready
-from gateway.api.status import status
+from gateway.api.page.serve import add_routes as add_page_routes
+from gateway.api.ready import StartupGate
+from gateway.api.status import ready, status
 from gateway.config import GatewaySettings, StaticBackend
 from gateway.fleet.inflight import InFlight
 from gateway.fleet.poller import Poller
 from gateway.fleet.pool import BackendPool
+from gateway.fleet.storewatch import StoreWatch
 from gateway.metrics import FleetCollector, Metrics, metrics_response
 from gateway.record import BackendKind, BackendRecord
 from gateway.routing.policy import make_policy
@@ -118,7 +122,9 @@ def _routes(app: web.Application) -> None:
     r.add_post("/api/blobs/{digest}", fleet.blob_upload)
     r.add_get("/metrics", _metrics, allow_head=False)
     r.add_get("/api/corral/status", status, allow_head=False)
-    r.add_get("/api/corral/ready", ready)  # also HEAD, for probes
+    r.add_get("/api/corral/ready", ready)  # also HEAD
+    r.add_get("/api/corral/capacity", capacity, allow_head=False)
+    add_page_routes(r)  # the fleet page at /corral/
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -129,7 +135,7 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 async def _fleet_gauges(app: web.Application) -> AsyncIterator[None]:
-    collector = FleetCollector(app[appkeys.POOL].snapshot, app[appkeys.QUEUES].depths)
+    collector = FleetCollector(app[appkeys.POOL].snapshot, app[appkeys.QUEUES].depths, app[appkeys.STORE_WATCH])
     app[appkeys.METRICS].attach_fleet(collector)
     yield
     app[appkeys.METRICS].detach_fleet(collector)
@@ -208,6 +214,7 @@ async def _pool_and_poller(app: web.Application) -> AsyncIterator[None]:
         app[appkeys.SESSION],
         app[appkeys.METRICS],
         fleet_changed,
+        watch=app[appkeys.STORE_WATCH],
         store_health=store_health,
     )
     app[appkeys.POLLER] = poller
@@ -258,15 +265,17 @@ def create_app(
     app[appkeys.KEYS] = keys
     metrics = Metrics()
     app[appkeys.METRICS] = metrics
-    app[appkeys.STORE_HEALTH] = StoreHealth("gateway", on_change=metrics.state_store_up.set)
+    app[appkeys.STORE_HEALTH] = StoreHealth("gateway")  # the gauge is StoreWatch's (poller)
     app[appkeys.QUEUES] = queues
     app[appkeys.STARTUP] = StartupGate(starting)
     app[appkeys.STARTUP].on_end(queues.notify)
     app[appkeys.POOL] = BackendPool(settings, queue_depths=queues.depths)
+    app[appkeys.STORE_WATCH] = StoreWatch()
     app[appkeys.POLICY] = make_policy(settings.policy, max_wait_s=settings.max_wait_s)
     app[appkeys.TRACKER] = tracker
     app[appkeys.STARTED_AT] = time.time()
     app[appkeys.LISTEN] = listen
+    app[appkeys.ACTIVITY] = Activity()
     app.cleanup_ctx.extend([_fleet_gauges, _static_backends, _client_session, _pool_and_poller])
     _routes(app)
     return app

@@ -113,13 +113,25 @@ class GatewaySettings:
     cors_origins: tuple[str, ...] = ()
     state: Literal["memory", "redis"] = "memory"
     redis_url: str = field(default="redis://127.0.0.1:6379/0", metadata={"check": _check_redis_url})
+    # HTTPS on the gateway's own listener: PEM certificate chain and private key (both or neither).
+    # A gateway on a reachable address carries API keys in every request; the alternative is a TLS
+    # front (nginx, a cloud load balancer, an ingress) in front of a loopback-bound gateway.
+    tls_cert: str = ""
+    tls_key: str = ""
     backends: tuple[StaticBackend, ...] = ()
 
     def validate(self, path: str) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            missing = "tls_key" if self.tls_cert else "tls_cert"
+            raise ConfigError(f"{path}.{missing}", "tls_cert and tls_key must be set together (PEM files)")
         ids = [b.backend_id for b in self.backends]
         for i, backend_id in enumerate(ids):
             if backend_id in ids[:i]:
                 raise ConfigError(f"{path}.backends[{i}].id", f"duplicate backend id {backend_id!r}")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
 
     @property
     def listen_host(self) -> str:

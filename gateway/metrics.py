@@ -1,8 +1,10 @@
 """Prometheus metrics, owned by one app (its own CollectorRegistry; nothing global).
 
 Counters and histograms are updated as requests pass. Fleet gauges (backend up, in-flight, queue
-depth, resident models) are read from the pool's current snapshot at scrape time, so a backend or
-model that disappears also disappears from /metrics instead of leaving a stale series behind.
+depth, resident models, CPU offload, backend restarts) are read from the pool's current snapshot
+at scrape time, so a backend or model that disappears also disappears from /metrics instead of
+leaving a stale series behind. GPU memory and the state store's health come from what the poller
+last read from the store (`StoreWatch`); a scrape never does I/O.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from gateway.fleet.storewatch import StoreWatch
 from gateway.routing.snapshot import Snapshot
+from launcher.facts.catalog import normalize_name
 
 # Requests range from a 20 ms embedding to a many-minute generation behind a cold 70B load.
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -29,12 +33,25 @@ def gpus_label(gpu_names: tuple[str, ...], gpu_uuids: tuple[str, ...]) -> str:
 class FleetCollector(Collector):
     """Gauges computed from the pool's snapshot and the admission queues on each scrape."""
 
-    def __init__(self, snapshot: Callable[[], Snapshot], queue_depths: Callable[[], Mapping[str, int]]) -> None:
+    def __init__(
+        self,
+        snapshot: Callable[[], Snapshot],
+        queue_depths: Callable[[], Mapping[str, int]],
+        watch: StoreWatch | None = None,
+    ) -> None:
         self._snapshot = snapshot
         self._queue_depths = queue_depths
+        self._watch = watch or StoreWatch()
 
     def collect(self) -> Iterator[Metric]:
-        snap = self._snapshot()
+        yield from self._backend_metrics(self._snapshot())
+        queued = GaugeMetricFamily("corral_queue_depth", "requests waiting at the gateway", labels=["model"])
+        for model, depth in self._queue_depths().items():
+            queued.add_metric([model], float(depth))
+        yield queued
+        yield from self._store_metrics()
+
+    def _backend_metrics(self, snap: Snapshot) -> Iterator[Metric]:
         up = GaugeMetricFamily("corral_backend_up", "1 when the backend is healthy and ready", labels=["backend"])
         in_flight = GaugeMetricFamily(
             "corral_in_flight_requests",
@@ -50,19 +67,71 @@ class FleetCollector(Collector):
         free = GaugeMetricFamily(
             "corral_backend_free_vram_bytes", "estimated free VRAM of a backend's GPU group", labels=["backend"]
         )
+        # The share of a resident model held in system memory: Ollama reports size (all of it) and
+        # size_vram (the part on the GPUs); anything above 0 decodes at host-memory speed.
+        cpu_offload = GaugeMetricFamily(
+            "corral_model_cpu_offload_ratio",
+            "share of a resident model's memory outside VRAM (0 = all on GPU, 1 = CPU only)",
+            labels=["model", "backend"],
+        )
+        # The launcher counts its restarts of each backend process and publishes the count in the
+        # record; as a counter it survives the usual rate()/increase() treatment of resets.
+        restarts = CounterMetricFamily(
+            "corral_backend_restarts", "times the launcher restarted the backend's process", labels=["backend"]
+        )
+        # Per model in any backend's store (or plan): how many healthy, ready backends could serve
+        # it now. 0 means requests for it wait or fail: the "no healthy backend" alert.
+        serving = GaugeMetricFamily(
+            "corral_model_healthy_backends",
+            "healthy, ready backends that have the model installed or planned",
+            labels=["model"],
+        )
+        per_model: dict[str, int] = {}
+        for b in snap.backends:
+            ready = b.healthy and b.record.state == "ready"
+            for model in b.installed | {normalize_name(m) for m in b.record.planned_models}:
+                per_model[model] = per_model.get(model, 0) + (1 if ready else 0)
+        for model, count in sorted(per_model.items()):
+            serving.add_metric([model], float(count))
         for b in snap.backends:
             up.add_metric([b.id], 1.0 if b.healthy and b.record.state == "ready" else 0.0)
             free.add_metric([b.id], float(b.free_vram_bytes))
+            restarts.add_metric([b.id], float(b.record.restarts))
             for model, count in b.in_flight.items():
                 in_flight.add_metric([b.id, model], float(count))
             gpus = gpus_label(b.record.gpu_names, b.record.gpu_uuids)
             for r in b.resident:
                 resident.add_metric([r.name, b.id, gpus], 1.0)
                 vram.add_metric([r.name, b.id, gpus], float(r.size_vram_bytes))
-        queued = GaugeMetricFamily("corral_queue_depth", "requests waiting at the gateway", labels=["model"])
-        for model, depth in self._queue_depths().items():
-            queued.add_metric([model], float(depth))
-        yield from (up, in_flight, resident, vram, free, queued)
+                cpu_offload.add_metric([r.name, b.id], offload_ratio(r.size_bytes, r.size_vram_bytes))
+        yield from (up, in_flight, resident, vram, free, cpu_offload, restarts, serving)
+
+    def _store_metrics(self) -> Iterator[Metric]:
+        watch = self._watch
+        store_up = GaugeMetricFamily(
+            "corral_state_store_up", "1 when the gateway's last call to the state store succeeded"
+        )
+        if watch.up is not None:
+            store_up.add_metric([], 1.0 if watch.up else 0.0)
+        yield store_up
+        labels = ["gpu", "name", "host", "backend"]
+        used = GaugeMetricFamily(
+            "corral_gpu_memory_used_bytes", "GPU memory in use, as the launcher last read it", labels=labels
+        )
+        total = GaugeMetricFamily("corral_gpu_memory_total_bytes", "GPU memory of the card", labels=labels)
+        for host, published in sorted(watch.gpus.items()):
+            for card in published:
+                key = [card.gpu.uuid, card.gpu.name, host, card.backend]
+                used.add_metric(key, float(card.gpu.memory_used_bytes))
+                total.add_metric(key, float(card.gpu.memory_total_bytes))
+        yield from (used, total)
+
+
+def offload_ratio(size_bytes: int, size_vram_bytes: int) -> float:
+    if size_bytes <= 0:
+        return 0.0
+    return min(max((size_bytes - size_vram_bytes) / size_bytes, 0.0), 1.0)
+
 
 
 class Metrics:
@@ -120,12 +189,6 @@ class Metrics:
         self.queue_rejections = Counter(
             "corral_queue_rejections", "requests refused with 503 at the gateway queue", ["model", "reason"], registry=r
         )
-        # The one definition of this gauge (gateway/state/health.py sets it): routing goes on
-        # while it is 0, on the records last seen.
-        self.state_store_up = Gauge(
-            "corral_state_store_up", "1 while the state store (Redis) answers, 0 during an outage", registry=r
-        )
-        self.state_store_up.set(1.0)
 
     def attach_fleet(self, collector: FleetCollector) -> None:
         self.registry.register(collector)

@@ -42,6 +42,9 @@ class BackendRecord:
     vram_total_bytes: int = 0
     speed: float = 1.0  # relative decode speed (memory bandwidth / 1 TB/s)
     planned_models: tuple[str, ...] = ()
+    # The context each planned model is preloaded with, parallel to planned_models (0: the backend's
+    # default); for the live views, which show planned models before they are resident.
+    planned_num_ctx: tuple[int, ...] = ()
     # Backends with the same non-empty store_id share one model store (OLLAMA_MODELS on one host):
     # a pull, delete or copy on one of them is seen by all, so the gateway does it once.
     store_id: str = ""
@@ -60,6 +63,7 @@ class BackendRecord:
         data["gpu_uuids"] = list(self.gpu_uuids)
         data["gpu_names"] = list(self.gpu_names)
         data["planned_models"] = list(self.planned_models)
+        data["planned_num_ctx"] = list(self.planned_num_ctx)
         data["kind"] = str(self.kind)
         data["state"] = str(self.state)
         return data
@@ -79,6 +83,7 @@ class BackendRecord:
             vram_total_bytes=int(data.get("vram_total_bytes", 0)),
             speed=float(data.get("speed", 1.0)),
             planned_models=tuple(data.get("planned_models", ())),
+            planned_num_ctx=tuple(int(n) for n in data.get("planned_num_ctx", ())),
             store_id=str(data.get("store_id", "")),
             default_num_ctx=int(data.get("default_num_ctx", 0)),
             state=BackendState(data.get("state", "ready")),

@@ -27,6 +27,7 @@ from gateway.app import create_app
 from gateway.appkeys import POLLER, STARTUP, TRACKER
 from gateway.config import GatewaySettings
 from gateway.state.store import StateStore
+from gateway.tls import server_ssl_context
 from launcher.facts.ollama import host_port
 
 log = logging.getLogger(__name__)
@@ -94,15 +95,18 @@ class GatewayServer:
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"http://{host_port(host, self._port)}"
+        scheme = "https" if self.settings.tls else "http"
+        return f"{scheme}://{host_port(host, self._port)}"
 
     async def start(self) -> None:
         """Check the listen address against the keys (ConfigError for an open non-loopback
-        address), start the app (first health checks and polls included) and listen. Raises
+        address), load the TLS certificate when configured (ConfigError), start the app (first
+        health checks and polls included) and listen. Raises
         OSError when the address is taken (before anything started)."""
         if self._runner is not None:
             raise RuntimeError("GatewayServer already started")
         check_listen_allowed(self.host, self.keys)
+        ssl_context = server_ssl_context(self.settings)  # a bad certificate fails before anything starts
         # Bind first: a taken port fails before anything starts, and port 0 is known to the app.
         sock = bind_socket(self.host, self._requested_port)
         self._port = int(sock.getsockname()[1])
@@ -121,7 +125,7 @@ class GatewayServer:
         )
         try:
             await runner.setup()
-            site = GuardedSite(runner, sock, self.settings)
+            site = GuardedSite(runner, sock, self.settings, ssl_context=ssl_context)
             await site.start()
         except BaseException:
             await runner.cleanup()

@@ -6,8 +6,11 @@
     proxy.py       forwarding one request to one backend, streaming the reply byte for byte
     fleetwide.py   calls about the whole fleet (tags, ps, pull, create, delete, ...)
     fanout.py, progress.py, blobs.py   fan-out to one backend per model store, merged progress
-    status.py      GET /api/corral/status
-    ready.py       GET /api/corral/ready, and the startup gate of `corral up`
+    status.py      GET /api/corral/status; its shape is status_doc.py (TypedDicts shared with the
+                   readers: corral status, corral top, the page), warnings from status_warnings.py
+    activity.py    recent routing decisions and per-model traffic, for the live views
+    page/          the fleet page at /corral/ (static files shipped in the package)
+    ready.py       the startup gate of `corral up` (model calls wait as "starting")
     bodies.py, strictjson.py   reading bodies (size, time, encodings) and strict JSON
     limits.py      client limits: header timeout, connection cap, early 413 (the guarded protocol)
     timeouts.py    upstream bounds: connect, first byte from the router's expectation, stream idle

@@ -28,14 +28,19 @@ from launcher.facts.strictconf import ConfigError
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Paths that stay open even when keys are configured: liveness probes hit `/` (Ollama's own
-# "Ollama is running") and readiness probes /api/corral/ready; neither reveals anything.
-PUBLIC_PATHS: frozenset[str] = frozenset({"/", "/api/corral/ready"})
+# "Ollama is running"), and readiness probes /api/corral/ready: neither reveals anything; nor do
+# the fleet page's static files (the data they show comes from /api/corral/status, which needs
+# the admin key).
+PUBLIC_PATHS: frozenset[str] = frozenset({"/", "/corral", "/api/corral/ready"})
+PUBLIC_PREFIXES: tuple[str, ...] = ("/corral/",)
 
 # Routes that change the fleet or expose its internals.
 ADMIN_PATHS: frozenset[str] = frozenset(
     {"/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete", "/metrics"}
 )
 ADMIN_PREFIXES: tuple[str, ...] = ("/api/blobs/", "/api/corral/")
+# Under the admin prefix but for every client key: what a batch client needs to size itself.
+CLIENT_PATHS: frozenset[str] = frozenset({"/api/corral/capacity"})
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,8 @@ def bearer_token(request: web.Request) -> str:
 
 
 def needs_admin(path: str) -> bool:
+    if path in CLIENT_PATHS:
+        return False
     return path in ADMIN_PATHS or path.startswith(ADMIN_PREFIXES)
 
 
@@ -127,7 +134,7 @@ def auth_middleware(keys: ApiKeys) -> Middleware:
 
     @web.middleware
     async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not keys.enabled or request.path in PUBLIC_PATHS:
+        if not keys.enabled or request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PREFIXES):
             return await handler(request)
         if request.match_info.http_exception is not None:
             return await handler(request)  # unknown path or wrong method: 404/405 like Ollama

@@ -85,6 +85,7 @@ def _decide(request: web.Request, route: RouteRequest) -> Decision:
         decision = Wait("starting", note="the launcher is still starting its backends")
     kind = type(decision).__name__.lower()
     app[appkeys.METRICS].decisions.labels(kind, decision.reason).inc()
+    app[appkeys.ACTIVITY].decided(route.model, decision)
     if log.isEnabledFor(logging.DEBUG):  # the explanation is built only for someone reading it
         log.debug("%s %s model=%s: %s", request.method, request.path, route.model, decision.explanation)
     return decision
@@ -238,6 +239,9 @@ def _learn(request: web.Request, call: ModelCall, backend_id: str, outcome: Outc
     metrics.request_duration.labels(label, backend_id).observe(elapsed_s)
     if outcome.first_byte_s is not None:
         metrics.ttft.labels(label, backend_id).observe(outcome.first_byte_s)
+    if call.kind != "show":  # the live views count work, not metadata look-ups
+        failed = outcome.midstream_error is not None
+        app[appkeys.ACTIVITY].finished(label, outcome.status, outcome.first_byte_s, outcome.final, failed)
     if outcome.midstream_error is not None:
         # Counted as a failure only (not also as the success of having answered, which would reset
         # the count): a backend that keeps dying mid-stream gets ejected like one that refuses.

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from ssl import SSLContext
 from typing import Any
 
 from aiohttp import web
@@ -105,15 +106,23 @@ class GuardedSite(BaseSite):
 
     __slots__ = ("_settings", "_sock")
 
-    def __init__(self, runner: web.BaseRunner, sock: Any, settings: GatewaySettings, *, backlog: int = 1024) -> None:
-        super().__init__(runner, backlog=backlog)
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        sock: Any,
+        settings: GatewaySettings,
+        *,
+        ssl_context: SSLContext | None = None,
+        backlog: int = 1024,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
         self._sock = sock
         self._settings = settings
 
     @property
     def name(self) -> str:
         host, port = self._sock.getsockname()[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self._ssl_context else 'http'}://{host}:{port}"
 
     async def start(self) -> None:
         await super().start()
@@ -132,7 +141,9 @@ class GuardedSite(BaseSite):
                 **kwargs,
             )
 
-        self._server = await loop.create_server(make_handler, sock=self._sock, backlog=self._backlog)
+        self._server = await loop.create_server(
+            make_handler, sock=self._sock, ssl=self._ssl_context, backlog=self._backlog
+        )
 
 
 def limits_middleware(settings: GatewaySettings) -> Middleware:

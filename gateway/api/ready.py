@@ -1,18 +1,12 @@
-"""GET /api/corral/ready: the gateway's readiness, for probes, the benchmark harness and deploy files.
+"""The startup gate of `corral up`, which listens at once (while models are still pulled and loaded).
 
-`corral up` listens at once (while models are still pulled and loaded), so "the port answers" no
-longer means "ready". This route does: 200 once at least one backend is healthy and ready, 503
-before. It is open to probes (no key, any Host) and reveals only counts.
+"The port answers" no longer means "ready": GET /api/corral/ready (status.ready) does. Meanwhile
+model calls wait in the gateway's queue as "starting" instead of getting 503 or 404.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-
-from aiohttp import web
-
-from gateway import appkeys
-from gateway.record import BackendState
 
 
 class StartupGate:
@@ -34,12 +28,3 @@ class StartupGate:
         self.active = False
         for callback in self._on_end:
             callback()
-
-
-async def ready(request: web.Request) -> web.Response:
-    pool = request.app[appkeys.POOL]
-    lives = list(pool.backends.values())
-    ready_count = sum(1 for b in lives if b.healthy and b.record.state == BackendState.READY)
-    body = {"ready": ready_count > 0, "backends_ready": ready_count, "backends": len(lives)}
-    headers = None if ready_count else {"Retry-After": "1"}
-    return web.json_response(body, status=200 if ready_count else 503, headers=headers)

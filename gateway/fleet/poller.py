@@ -21,8 +21,9 @@ from gateway.config import GatewaySettings
 from gateway.fleet.modelfacts import facts_from_catalog, facts_from_show
 from gateway.fleet.pool import BackendPool, row_model_name
 from gateway.fleet.records import RecordMemory
+from gateway.fleet.storewatch import StoreWatch
 from gateway.metrics import Metrics
-from gateway.state.health import StoreHealth, reraise_if_cancelled
+from gateway.state.health import StoreHealth
 from gateway.state.store import StateStore
 from launcher.models.show import needs_verbose
 
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 
 # A model whose /api/show failed is asked again after this long.
 FACTS_RETRY_S = 60.0
+# stop(): cancel, wait this long, cancel again what still runs; this many times at most.
+STOP_ROUND_S = 1.0
+STOP_ROUNDS = 10
 # First re-probe delay of a backend that has not answered yet; doubles up to health_interval_s.
 FIRST_PROBE_BACKOFF_S = 0.2
 
@@ -46,9 +50,11 @@ class Poller:
         session: aiohttp.ClientSession,
         metrics: Metrics,
         on_change: Callable[[], None] = lambda: None,
+        watch: StoreWatch | None = None,
         store_health: StoreHealth | None = None,
     ) -> None:
         self.settings = settings
+        self.watch = watch or StoreWatch()
         self.pool = pool
         self.store = store
         self.session = session
@@ -67,7 +73,12 @@ class Poller:
         self._records = RecordMemory()
 
     async def start(self) -> None:
-        await self.sync_records()
+        try:
+            await self.sync_records()
+        except Exception as e:
+            self.watch.failed(e)
+            raise
+        await self.read_inventory()
         await asyncio.gather(*(self._first_round(b) for b in list(self.pool.backends)))
         self._main = asyncio.create_task(self._follow_store(), name="corral-records")
 
@@ -75,17 +86,21 @@ class Poller:
         tasks = [t for ts in self._tasks.values() for t in ts] + list(self._background)
         if self._main is not None:
             tasks.append(self._main)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            for _ in range(10):  # a task that swallowed its cancel (a library turned it into an error) gets another
-                done, _pending = await asyncio.wait([task], timeout=1.0)
-                if done:
-                    break
+        # A cancellation can be swallowed inside a store client (redis-py, mid-reconnect) and the
+        # loop then runs on: cancel again until every task has ended, a bounded number of times.
+        pending = set(tasks)
+        for _ in range(STOP_ROUNDS):
+            if not pending:
+                break
+            for task in pending:
                 task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=STOP_ROUND_S)
+        if pending:
+            log.warning("poller: %d tasks did not stop", len(pending))
+        for task in tasks:
             if task.done() and not task.cancelled():
                 with contextlib.suppress(Exception):
-                    task.result()
+                    task.result()  # retrieved, so asyncio does not log it as never retrieved
         self._tasks.clear()
         self._main = None
 
@@ -93,12 +108,13 @@ class Poller:
 
     async def sync_records(self) -> None:
         """Adopt the store's records (see RecordMemory for what a missing one means). Raises the
-        store's error after noting it in `store_health`."""
+        store's error after noting it in `store_health` (one warning per outage)."""
         try:
             records = await self.store.list_backends()
             generation = await self.store.generation()
             in_flight = await self.store.in_flight()
         except Exception as e:
+            _reraise_if_cancelled(e)
             self.store_health.failed(e)
             raise
         self.store_health.succeeded()
@@ -125,12 +141,24 @@ class Poller:
                 self._start_tasks(backend_id)
         while True:
             await asyncio.sleep(self.settings.poll_interval_s)
-            # A store outage (Redis restart) must not stop the gateway: sync_records noted it in
-            # store_health (one warning per outage), and the pool keeps what it last saw.
             try:
                 await self.sync_records()
-            except Exception:
-                reraise_if_cancelled()
+            except Exception as e:  # a store hiccup (Redis restart) must not stop the gateway
+                _reraise_if_cancelled(e)
+                self.watch.failed(e)  # sync_records warned (once per outage, StoreHealth)
+                continue
+            await self.read_inventory()
+
+    async def read_inventory(self) -> None:
+        """The launchers' GPU rows, for /metrics; marks the store up or down by whether it answered."""
+        try:
+            gpus = await self.store.list_gpus()
+        except Exception as e:
+            _reraise_if_cancelled(e)
+            self.watch.failed(e)
+            return
+        self.watch.set_inventory(gpus)
+        self.watch.answered()
 
     def _start_tasks(self, backend_id: str) -> None:
         self._tasks[backend_id] = [
@@ -271,6 +299,15 @@ class Poller:
             self._facts_failed_at[name] = time.time()
         finally:
             self._facts_pending.discard(name)
+
+
+def _reraise_if_cancelled(error: Exception) -> None:
+    """Raise CancelledError when this task is being cancelled. redis-py can turn a cancellation
+    that lands mid-command into a ConnectionError; a loop that shrugs off store errors would then
+    run on after `stop()` cancelled it, and the gateway would never finish shutting down."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from error
 
 
 def _models(body: Any) -> list[dict[str, Any]]:

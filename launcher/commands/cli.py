@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("launcher.commands.plan", "explain which model goes on which card (no processes started)"),
     "gateway": ("launcher.commands.gateway", "run the gateway alone, over static or registered backends"),
     "status": ("launcher.commands.status", "GPUs, backends, resident models and queues of a running rig"),
+    "batch": ("launcher.commands.batch", "run a JSONL batch over the fleet: parallel, retried, resumable"),
+    "top": ("launcher.commands.top", "the running rig live in the terminal (q quits; --once prints one frame)"),
 }
 
 

@@ -19,8 +19,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from gateway.api.status_doc import BackendDoc, StatusDoc
 from launcher.config import load_config
 from launcher.facts.ollama import host_port
 
@@ -31,10 +32,15 @@ GIB = 1024**3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_gateway_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print the gateway's JSON answer")
+
+
+def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the gateway is and how to get in (shared with `corral top`)."""
     parser.add_argument("--config", default="config.toml", help="path of config.toml, for [gateway].listen")
     parser.add_argument("--url", default=None, help=f"the gateway's URL (default: from the config, else {DEFAULT_URL})")
     parser.add_argument("--api-key", default=None, help="API key, if the gateway needs one (default: $CORRAL_API_KEY)")
-    parser.add_argument("--json", action="store_true", help="print the gateway's JSON answer")
 
 
 def gateway_url(args: argparse.Namespace) -> str:
@@ -48,14 +54,15 @@ def gateway_url(args: argparse.Namespace) -> str:
     host = settings.listen_host
     if host in ("", "0.0.0.0", "::"):
         host = "127.0.0.1"
-    return f"http://{host_port(host, settings.listen_port)}"
+    scheme = "https" if settings.tls else "http"
+    return f"{scheme}://{host_port(host, settings.listen_port)}"
 
 
 class StatusError(Exception):
     """The one line to print when the status cannot be fetched."""
 
 
-def fetch_status(url: str, api_key: str | None, timeout_s: float = TIMEOUT_S) -> dict[str, Any]:
+def fetch_status(url: str, api_key: str | None, timeout_s: float = TIMEOUT_S) -> StatusDoc:
     try:
         request = urllib.request.Request(url + STATUS_PATH, headers={"Accept": "application/json"})
     except ValueError as e:
@@ -89,7 +96,8 @@ def fetch_status(url: str, api_key: str | None, timeout_s: float = TIMEOUT_S) ->
         raise StatusError(f"{url}{STATUS_PATH} did not answer JSON: is it a corral gateway?") from None
     if not isinstance(body, dict):
         raise StatusError(f"{url}{STATUS_PATH} answered an unexpected document")
-    return body
+    # Trusted as the gateway's StatusDoc; readers still use .get(): an older gateway may lack keys.
+    return cast(StatusDoc, body)
 
 
 def _error_text(e: urllib.error.HTTPError) -> str:
@@ -104,7 +112,7 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.1f}"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = max(int(seconds), 0)
     if seconds < 60:
         return f"{seconds}s"
@@ -130,12 +138,12 @@ def _counts(per_model: Any) -> str:
     return f"{total} ({', '.join(f'{m} {n}' for m, n in sorted(per_model.items()))})"
 
 
-def _resident_rows(backend: dict[str, Any], now: float) -> list[list[str]]:
+def _resident_rows(backend: BackendDoc, now: float) -> list[list[str]]:
     rows = []
     for model in backend.get("resident") or []:
         expires = model.get("expires_at")
         if isinstance(expires, int | float) and expires > 0:
-            left = _duration(expires - now) if expires - now < 10 * 365 * 86400 else "never"
+            left = duration(expires - now) if expires - now < 10 * 365 * 86400 else "never"
         else:
             left = "-"
         rows.append(
@@ -150,13 +158,13 @@ def _resident_rows(backend: dict[str, Any], now: float) -> list[list[str]]:
     return rows
 
 
-def render(status: dict[str, Any], url: str, now: float | None = None) -> str:
+def render(status: StatusDoc, url: str, now: float | None = None) -> str:
     """The human table for one status document."""
     now = time.time() if now is None else now
     gateway = status.get("gateway") or {}
     lines = [
         f"gateway {url}  corral {gateway.get('version', '?')}  policy {gateway.get('policy', '?')}  "
-        f"up {_duration(float(gateway.get('uptime_s') or 0))}  active requests {gateway.get('active_requests', 0)}  "
+        f"up {duration(float(gateway.get('uptime_s') or 0))}  active requests {gateway.get('active_requests', 0)}  "
         f"queued {_counts(gateway.get('queue_depths'))}",
         "",
     ]
@@ -200,7 +208,7 @@ def render(status: dict[str, Any], url: str, now: float | None = None) -> str:
             [
                 str(backend.get("id", "?")),
                 state,
-                _duration(now - started) if started and state in ("ready", "unhealthy") else "-",
+                duration(now - started) if started and state in ("ready", "unhealthy") else "-",
                 str(backend.get("restarts", 0)),
                 " + ".join(backend.get("gpu_names") or []) or "CPU",
                 str(backend.get("url", "")),
@@ -225,6 +233,9 @@ def render(status: dict[str, Any], url: str, now: float | None = None) -> str:
         lines.append("  (none)")
     if problems:
         lines += ["", "Problems", *problems]
+    warnings = status.get("warnings") or []
+    if warnings:
+        lines += ["", "Warnings", *(f"  {w.get('message', '?')}" for w in warnings)]
     return "\n".join(lines)
 
 

@@ -33,6 +33,7 @@ import aiohttp
 from gateway.api.auth import check_listen_allowed, load_keys
 from gateway.config import GatewaySettings
 from gateway.state.store import StateStore, StoreUnreachable, open_checked_store
+from gateway.tls import server_ssl_context
 from launcher.commands.rig import Rig, model_specs, resolve_rig
 from launcher.config import CorralConfig, load_config
 from launcher.facts.catalog import normalize_name
@@ -221,6 +222,7 @@ def ready_lines(url: str, plan: Plan, proxy_host: str) -> list[str]:
         f"ready: {url}  ({len(plan.backends)} backends, {len(set(models))} models; Ctrl-C to stop)",
         f"  try: OLLAMA_HOST={proxy_host} ollama run {example}",
         f"       curl {url}/api/chat -d '{body}'",
+        f"watch: {url}/corral/  or  corral top --url {url}",
     ]
 
 
@@ -303,6 +305,8 @@ async def _up_until_stopped(cfg: CorralConfig, opts: UpOptions, out: ProgressPri
             host_name=host_name,
             store_id=f"{host_name}:{models_dir}",
             record_ttl_s=ttl_s,
+            # A shared store holds several hosts' backends: "<host>/g0", so ids cannot collide.
+            record_prefix=f"{host_name}/" if ttl_s is not None else "",
             on_restart_ready=reload_after_restart if opts.preload else None,
         ) as sup:
             sup.warming = opts.preload
@@ -317,7 +321,8 @@ async def _up_until_stopped(cfg: CorralConfig, opts: UpOptions, out: ProgressPri
                 store,
                 host_name,
                 rig.gpus,
-                backend_of={uuid: b.id for b in the_plan.backends for uuid in b.gpu_uuids},
+                backend_of={uuid: sup.record_prefix + b.id for b in the_plan.backends for uuid in b.gpu_uuids},
+                planned_of=planned_bytes_per_card(the_plan),
                 refresh=_refresh_for(sim, session, [launch.url for launch in launches], rig),
                 ttl_s=ttl_s,
             )
@@ -341,11 +346,23 @@ async def _up_until_stopped(cfg: CorralConfig, opts: UpOptions, out: ProgressPri
         await store.close()
 
 
+def planned_bytes_per_card(plan: Plan) -> dict[str, int]:
+    """GPU UUID -> the bytes the plan's models take on that card (for the views' memory bars)."""
+    planned: dict[str, int] = {}
+    for b in plan.backends:
+        for m in b.models:
+            shares = m.card_vram_bytes or tuple(m.vram_bytes // max(len(b.gpu_uuids), 1) for _ in b.gpu_uuids)
+            for uuid, share in zip(b.gpu_uuids, shares, strict=False):
+                planned[uuid] = planned.get(uuid, 0) + share
+    return planned
+
+
 def _gateway_refusal(cfg: CorralConfig, opts: UpOptions, plan: Plan) -> str:
     """Why the gateway could not serve at the end of startup, found before anything starts ("" if
     nothing is wrong): so a pull of many gigabytes is not wasted on a rig that cannot open its door.
     Raises ConfigError (exit 2) for an open non-loopback address without API keys."""
     check_listen_allowed(opts.listen_host, load_keys(cfg.gateway, os.environ))
+    server_ssl_context(cfg.gateway)  # an unreadable or mismatched certificate: ConfigError now
     where = f"{opts.listen_host}:{opts.listen_port}"
     taken_by = next((b.id for b in plan.backends if opts.listen_port and b.port == opts.listen_port), "")
     if taken_by:
@@ -411,6 +428,7 @@ async def _start_gateway(cfg: CorralConfig, opts: UpOptions, store: StateStore) 
 
 
 async def _serve(cfg: CorralConfig, gateway: GatewayServer, plan: Plan, out: ProgressPrinter, stopper: Stopper) -> int:
+    # OLLAMA_HOST takes host:port for plain HTTP; with TLS it needs the scheme (https://host:port).
     proxy_host = gateway.url.removeprefix("http://")
     for line in ready_lines(gateway.url, plan, proxy_host):
         out.line(line)

@@ -128,10 +128,11 @@ class PublishedGpu:
 
     gpu: GpuInfo
     backend: str = ""  # the backend id whose CUDA_VISIBLE_DEVICES holds this card; "" when unused
+    planned_bytes: int = 0  # what the plan's models take on this card (the views' memory bars); 0: unknown
 
     def to_json(self) -> dict[str, Any]:
-        """`inventory_to_json`'s row with a "backend" key (what `/api/corral/status` shows)."""
-        return inventory_to_json([self.gpu])[0] | {"backend": self.backend}
+        """`inventory_to_json`'s row with "backend" and "memory_planned_bytes" keys."""
+        return inventory_to_json([self.gpu])[0] | {"backend": self.backend, "memory_planned_bytes": self.planned_bytes}
 
     @classmethod
     def from_json(cls, data: Any, where: str = "gpu") -> PublishedGpu:
@@ -140,7 +141,10 @@ class PublishedGpu:
             raise ValueError(f"{where}: expected an object, got {data!r}")
         row = dict(data)
         backend = str(row.pop("backend", "") or "")
+        planned = row.pop("memory_planned_bytes", 0)
+        if not isinstance(planned, int) or isinstance(planned, bool) or planned < 0:
+            raise ValueError(f"{where}.memory_planned_bytes: expected a byte count, got {planned!r}")
         try:
-            return cls(inventory_from_json([row])[0], backend)
+            return cls(inventory_from_json([row])[0], backend, planned)
         except ValueError as e:
             raise ValueError(str(e).replace("gpus[0]", where, 1)) from None

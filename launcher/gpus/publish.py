@@ -26,9 +26,13 @@ Refresh = Callable[[], Awaitable[Sequence[GpuInfo]]]
 _SIM_TIMEOUT = aiohttp.ClientTimeout(total=5.0)
 
 
-def gpu_rows(gpus: Sequence[GpuInfo], backend_of: Mapping[str, str]) -> list[PublishedGpu]:
-    """The inventory as published: each card with the id of the backend using it."""
-    return [PublishedGpu(gpu, backend_of.get(gpu.uuid, "")) for gpu in gpus]
+def gpu_rows(
+    gpus: Sequence[GpuInfo], backend_of: Mapping[str, str], planned_of: Mapping[str, int] | None = None
+) -> list[PublishedGpu]:
+    """The inventory as published: each card with the id of the backend using it and the bytes the
+    plan puts on it."""
+    planned = planned_of or {}
+    return [PublishedGpu(gpu, backend_of.get(gpu.uuid, ""), int(planned.get(gpu.uuid, 0))) for gpu in gpus]
 
 
 def merge_memory(gpus: Sequence[GpuInfo], fresh: Sequence[GpuInfo]) -> list[GpuInfo]:
@@ -115,6 +119,7 @@ class GpuPublisher:
         gpus: Sequence[GpuInfo],
         *,
         backend_of: Mapping[str, str],
+        planned_of: Mapping[str, int] | None = None,
         refresh: Refresh | None = None,
         interval_s: float = 2.0,
         ttl_s: float | None = None,
@@ -123,6 +128,7 @@ class GpuPublisher:
         self.host_name = host_name
         self.gpus = list(gpus)
         self.backend_of = dict(backend_of)
+        self.planned_of = dict(planned_of or {})
         self._refresh = refresh
         self.interval_s = interval_s
         self.ttl_s = ttl_s
@@ -134,7 +140,9 @@ class GpuPublisher:
                 self.gpus = merge_memory(self.gpus, await self._refresh())
             except Exception as e:  # a flaky NVML read must not stop publishing the rest
                 log.warning("GPU refresh failed: %s", e)
-        await self.store.put_gpus(self.host_name, gpu_rows(self.gpus, self.backend_of), ttl_s=self.ttl_s)
+        await self.store.put_gpus(
+            self.host_name, gpu_rows(self.gpus, self.backend_of, self.planned_of), ttl_s=self.ttl_s
+        )
 
     async def start(self) -> None:
         await self.publish_once()

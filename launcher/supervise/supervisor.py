@@ -162,16 +162,20 @@ class Supervisor:
         on_restart_ready: RestartHook | None = None,
         rng: random.Random | None = None,
         orphan_guard: bool = True,
+        record_prefix: str = "",
     ) -> None:
         """`store_id` marks backends that share one model store (`<hostname>:<models_dir>`);
         `record_ttl_s` makes records expire unless heartbeated (for shared stores such as Redis);
         `on_restart_ready` runs (in the background) each time a backend is ready again after a
-        crash, e.g. to preload its planned models again."""
+        crash, e.g. to preload its planned models again. `record_prefix` goes before each backend
+        id in its record: planned ids ("g0") are unique on one host only, so launchers on several
+        hosts sharing one store publish "<host>/g0"."""
         self.timing = timing
         self.store = store
         self.host_name = host_name or socket.gethostname()
         self.store_id = store_id
         self.record_ttl_s = record_ttl_s
+        self.record_prefix = record_prefix
         self._launches = tuple(launches)
         self._on_restart_ready = on_restart_ready
         self._rng = rng or random.Random()
@@ -252,7 +256,7 @@ class Supervisor:
         if self.store is not None:
             for backend_id in self._processes:
                 try:
-                    await self.store.remove_backend(backend_id)
+                    await self.store.remove_backend(self.record_prefix + backend_id)
                 except Exception:
                     log.exception("<%s> could not withdraw the backend record", backend_id)
         if self._guard is not None:
@@ -265,7 +269,7 @@ class Supervisor:
         """The gateway's view of one supervised backend, as of now."""
         planned = proc.launch.planned
         return BackendRecord(
-            id=planned.id,
+            id=self.record_prefix + planned.id,
             url=http_url(url_host(proc.launch.host), proc.launch.port),
             host=self.host_name,
             gpu_uuids=planned.gpu_uuids,
@@ -276,6 +280,7 @@ class Supervisor:
             vram_total_bytes=planned.vram_total_bytes,
             speed=planned.speed,
             planned_models=planned.model_names,
+            planned_num_ctx=tuple(m.num_ctx for m in planned.models),
             store_id=self.store_id,
             default_num_ctx=context_length_env(proc.launch.env),
             state=BackendState.STARTING if self.warming and proc.state == State.READY else record_state(proc.state),
@@ -298,7 +303,7 @@ class Supervisor:
             return
         if proc.state == State.STOPPED:
             # Stopped on purpose: the backend is gone, not broken.
-            await self.store.remove_backend(proc.id)
+            await self.store.remove_backend(self.record_prefix + proc.id)
             return
         await self.store.put_backend(self.record(proc), ttl_s=self.record_ttl_s)
 

@@ -151,7 +151,7 @@ async def test_the_ready_route_is_open_to_any_host(fakes: MakeFake, http: aiohtt
         http.get(gw.url + "/api/corral/ready", headers={"Host": "pod-1.svc.example"}) as resp,
     ):
         assert resp.status == 200
-        assert (await resp.json())["backends_ready"] == 1
+        assert (await resp.json())["ready_backends"] == 1
 
 
 # -- request errors pass through once; backend faults are retried ---------------------------------

@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -12,10 +18,13 @@ import pytest
 from aiohttp import web
 
 from gateway.api.auth import ApiKeys
+from gateway.api.status_doc import StatusDoc
 from gateway.appkeys import POOL
 from gateway.server import GatewayServer
 from gateway.state.memory import MemoryStore
+from gateway.state.redis_store import RedisStore
 from tests.support.fakes import FakeOllama, MakeFake, fast_settings, wait_for
+from tests.support.statusdoc import mismatches
 
 GENERATE = {"model": "llama3.1:8b", "prompt": "hi", "stream": False}
 
@@ -222,7 +231,7 @@ async def test_metrics_and_status_after_traffic(fakes: MakeFake, http: aiohttp.C
     assert 'corral_model_resident{backend="b",gpus="",model="llama3.1:8b"} 1.0' in text
     assert 'decision="send"' in text
 
-    assert set(status) == {"gateway", "gpus", "backends"}
+    assert mismatches(status, StatusDoc) == []  # the document is exactly its declared shape
     assert {"version", "listen", "policy", "started_at", "uptime_s", "active_requests", "queue_depths"} <= set(
         status["gateway"]
     )
@@ -235,6 +244,17 @@ async def test_metrics_and_status_after_traffic(fakes: MakeFake, http: aiohttp.C
     (resident,) = row["resident"]
     assert resident["name"] == "llama3.1:8b" and resident["size_vram_bytes"] > 0
     assert resident["context_length"] == 4096 and resident["expires_at"] > 0
+    (model_row,) = [m for m in row["models"] if m["name"] == "llama3.1:8b"]
+    assert model_row["resident"] is True and model_row["slots"] == row["num_parallel"]
+    assert model_row["busy"] == row["in_flight"].get("llama3.1:8b", 0)  # released asynchronously: as counted
+    # What this gateway saw: the answered requests per model, and the decisions behind them.
+    (stats,) = [m for m in status["models"] if m["model"] == "llama3.1:8b"]
+    assert stats["requests"] >= 2 and stats["requests_per_s"] > 0 and stats["ttft_p50_s"] is not None
+    assert stats["ttft_p50_s"] <= stats["ttft_p95_s"]
+    sends = [d for d in status["decisions"] if d["decision"] == "send"]
+    assert sends and all(d["model"] == "llama3.1:8b" and d["backend"] in ("a", "b") for d in sends)
+    assert status["decisions"][0]["at"] >= status["decisions"][-1]["at"]  # newest first
+    assert status["warnings"] == [] and status["gateway"]["store_ok"] is True
 
 
 @pytest.mark.parametrize(("max_wait_s", "waits_at_gateway"), [(0.0, True), (30.0, False)])
@@ -258,3 +278,57 @@ async def test_max_wait_decides_between_the_backends_queue_and_the_gateways(
         await busy.read()
         busy.release()
         assert await asyncio.wait_for(second, timeout=10) == "g0"
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A redis-server of this test's own, on a free port, for the test to stop."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        yield f"redis://127.0.0.1:{port}/0", server
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+async def test_status_warns_when_the_state_store_is_unreachable(
+    fakes: MakeFake, http: aiohttp.ClientSession, own_redis: tuple[str, subprocess.Popen[bytes]]
+) -> None:
+    url, server = own_redis
+    store = RedisStore.from_url(url, prefix=f"corral-test-{os.getpid()}-{id(server)}:")
+    await wait_for_async(store.ping)
+    fake = await fakes(name="g0")
+    try:
+        settings = fast_settings(fake.backend(), state="redis", redis_url=url)
+        async with GatewayServer(settings, store, keys=ApiKeys()) as gw:
+            assert (await status_of(http, gw))["warnings"] == []
+            server.terminate()
+            server.wait()
+            status = await status_of(http, gw)  # still answers, with what it knows
+        assert status["gateway"]["store_ok"] is False and status["gateway"]["store_error"]
+        (warning,) = [w for w in status["warnings"] if w["kind"] == "store_unreachable"]
+        assert warning["message"].startswith("state store (redis) unreachable: ")
+        assert [b["id"] for b in status["backends"]] == ["g0"] and mismatches(status, StatusDoc) == []
+    finally:
+        await store.close()
+
+
+async def wait_for_async(probe: Any, timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            await probe()
+            return
+        except Exception:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.05)

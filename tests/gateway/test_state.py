@@ -104,19 +104,20 @@ async def test_a_record_without_heartbeat_expires(make_store: Callable[[], State
     await _eventually(lapsed)
 
 
-def _gpu(name: str, free_bytes: int = 0, backend: str = "") -> PublishedGpu:
+def _gpu(name: str, free_bytes: int = 0, backend: str = "", planned_bytes: int = 0) -> PublishedGpu:
     card = find_card(name)
     assert card is not None
     gpu = GpuInfo(0, f"GPU-{name}", name, card.vram_bytes, free_bytes, card.vram_bytes - free_bytes, card)
-    return PublishedGpu(gpu, backend)
+    return PublishedGpu(gpu, backend, planned_bytes)
 
 
 async def test_gpu_lists_per_host(make_store: Callable[[], StateStore]) -> None:
     store = make_store()
-    await store.put_gpus("box-a", [_gpu("RTX 4090", 1, backend="g0")])
+    await store.put_gpus("box-a", [_gpu("RTX 4090", 1, backend="g0", planned_bytes=9 * 1024**3)])
     await store.put_gpus("box-b", [_gpu("H100 80GB", 2)], ttl_s=60)
     gpus = await store.list_gpus()
-    assert gpus["box-a"] == [_gpu("RTX 4090", 1, backend="g0")]  # typed, and back exactly as written
+    # Typed, and back exactly as written (the plan's bytes on the card too).
+    assert gpus["box-a"] == [_gpu("RTX 4090", 1, backend="g0", planned_bytes=9 * 1024**3)]
     assert gpus["box-b"][0].gpu.memory_free_bytes == 2
 
 

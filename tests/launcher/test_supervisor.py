@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.record import BackendKind, BackendState
+from gateway.record import BackendKind, BackendRecord, BackendState
 from gateway.state.memory import MemoryStore
 from launcher.config import LauncherSettings
 from launcher.facts.strictconf import ConfigError
@@ -410,6 +410,17 @@ async def test_records_in_a_shared_store_are_heartbeated_then_withdrawn() -> Non
             await asyncio.sleep(0.05)
         assert records[0].state == BackendState.READY
     assert await store.list_backends() == []
+
+
+async def test_a_record_prefix_keeps_hosts_apart_in_a_shared_store() -> None:
+    # Planned ids ("g0") repeat on every host; launchers sharing one store publish "<host>/g0".
+    store = MemoryStore()
+    async with Supervisor([launch(planned("g0"))], FAST, store=store, record_ttl_s=5.0, record_prefix="box-a/") as sup:
+        assert await sup.start_all() == []
+        assert [r.id for r in await store.list_backends()] == ["box-a/g0"]
+        await store.put_backend(BackendRecord(id="box-b/g0", url="http://127.0.0.2:1"))  # another host's
+    # Leaving withdraws this launcher's record only.
+    assert [r.id for r in await store.list_backends()] == ["box-b/g0"]
 
 
 async def test_missing_binary_is_a_clear_message() -> None:

@@ -44,6 +44,7 @@ class FakeOllama:
     name: str = "fake"
     models: dict[str, int] = field(default_factory=lambda: {"llama3.1:8b": 4_920_000_000})
     resident: dict[str, int] = field(default_factory=dict)  # name -> context_length
+    vram: dict[str, int] = field(default_factory=dict)  # name -> size_vram, when less than the file (CPU offload)
     version: str = "0.12.3"
     healthy: bool = True  # False: /api/version answers 500 (a failing health check)
     chunks: int = 3
@@ -142,7 +143,12 @@ class FakeOllama:
     async def api_ps(self, request: web.Request) -> web.Response:
         expires = (datetime.now(UTC) + timedelta(minutes=5)).isoformat().replace("+00:00", "Z")
         rows = [
-            {**self._tag(n), "expires_at": expires, "size_vram": self.models.get(n, 0), "context_length": ctx}
+            {
+                **self._tag(n),
+                "expires_at": expires,
+                "size_vram": self.vram.get(n, self.models.get(n, 0)),
+                "context_length": ctx,
+            }
             for n, ctx in self.resident.items()
         ]
         return web.json_response({"models": rows})
