@@ -67,9 +67,10 @@ def gateway_process(
         start_new_session=True,
     )
     try:
-        # The gateway listens only once its first health checks and polls are done, so an answer
-        # here means routing already sees what is resident.
-        wait_http(f"http://127.0.0.1:{port}/", log=log_path)
+        # The ready signal (not "it listens"): at least one backend healthy and ready. The gateway
+        # does its first health checks and polls before it listens, so routing already sees what
+        # is resident.
+        wait_http(f"http://127.0.0.1:{port}/api/corral/ready", log=log_path)
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc, signal.SIGTERM, timeout_s=15)

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from gateway import appkeys
 from gateway.api import fleetwide as fleet
+from gateway.api.accesslog import access_middleware, stamp_reply
 from gateway.api.activity import Activity
 from gateway.api.admission import WaitQueues
 from gateway.api.auth import ApiKeys, auth_middleware, load_keys
@@ -30,17 +31,22 @@ from gateway.api.capacity import capacity
 from gateway.api.cors import OriginPolicy, add_cors_headers, cors_middleware
 from gateway.api.dispatch import handle_model_call
 from gateway.api.errors import error_for, method_not_allowed_page, not_found_page
+from gateway.api.hosts import hosts_middleware
 from gateway.api.lifecycle import RequestTracker
+from gateway.api.limits import limits_middleware
 from gateway.api.page.serve import add_routes as add_page_routes
+from gateway.api.ready import StartupGate
 from gateway.api.status import ready, status
 from gateway.config import GatewaySettings, StaticBackend
 from gateway.fleet.inflight import InFlight
 from gateway.fleet.poller import Poller
 from gateway.fleet.pool import BackendPool
 from gateway.fleet.storewatch import StoreWatch
+from gateway.fleet.work import Change
 from gateway.metrics import FleetCollector, Metrics, metrics_response
 from gateway.record import BackendKind, BackendRecord
 from gateway.routing.policy import make_policy
+from gateway.state.health import StoreHealth, reraise_if_cancelled
 from gateway.state.store import StateStore
 
 log = logging.getLogger(__name__)
@@ -154,14 +160,22 @@ async def _static_backends(app: web.Application) -> AsyncIterator[None]:
             try:
                 await publish()
             except Exception as e:  # keep trying; the records outlive a short store outage
-                log.warning("could not refresh static backend records: %s", e)
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():  # a cancellation the store swallowed
-                raise asyncio.CancelledError
+                reraise_if_cancelled()
+                app[appkeys.STORE_HEALTH].failed(e)
 
     await publish()
     task = asyncio.create_task(heartbeat(), name="corral-static-backends")
+    pending: set[asyncio.Task[None]] = set()
+
+    def republish() -> None:  # the store is back (maybe empty): put the records there at once
+        job = asyncio.create_task(publish())
+        pending.add(job)
+        job.add_done_callback(pending.discard)
+
+    app[appkeys.STORE_HEALTH].on_recover.append(republish)
     yield
+    for job in list(pending):
+        job.cancel()
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
@@ -182,7 +196,8 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
 
 async def _pool_and_poller(app: web.Application) -> AsyncIterator[None]:
     pool = app[appkeys.POOL]
-    in_flight = InFlight(app[appkeys.STORE], pool)
+    store_health = app[appkeys.STORE_HEALTH]
+    in_flight = InFlight(app[appkeys.STORE], pool, store_health=store_health)
     app[appkeys.IN_FLIGHT] = in_flight
     poller = Poller(
         app[appkeys.SETTINGS],
@@ -191,6 +206,7 @@ async def _pool_and_poller(app: web.Application) -> AsyncIterator[None]:
         app[appkeys.SESSION],
         app[appkeys.METRICS],
         watch=app[appkeys.STORE_WATCH],
+        store_health=store_health,
     )
     app[appkeys.POLLER] = poller
     await poller.start()
@@ -205,37 +221,50 @@ def create_app(
     *,
     keys: ApiKeys | None = None,
     listen: str | None = None,
+    starting: bool = False,
 ) -> web.Application:
     """The gateway as an aiohttp Application over `store` (MemoryStore, or a shared RedisStore).
 
     `keys`: the API keys; None reads them as configured (files and environment). `listen`: the
-    address shown in /api/corral/status (default: settings.listen). The store is not closed by
+    address shown in /api/corral/status (default: settings.listen). `starting`: the backends are
+    still being started (see ready.StartupGate; `corral up` ends it). The store is not closed by
     the app: whoever made it closes it. Backends from `settings.backends` are written into the
     store when the app starts.
     """
     keys = keys if keys is not None else load_keys(settings, os.environ)
     tracker = RequestTracker()
+    listen = listen or settings.listen
+    host_check = hosts_middleware(listen.rpartition(":")[0].strip("[]"), settings.allowed_hosts)
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[
+            access_middleware(settings.access_log),
+            limits_middleware(settings),
             tracker.middleware(),
             ollama_errors,
+            *([host_check] if host_check is not None else []),
             cors_middleware(OriginPolicy(settings.cors_origins)),
             auth_middleware(keys),
         ],
     )
     app.on_response_prepare.append(add_cors_headers)
+    app.on_response_prepare.append(stamp_reply)
     # The re-check is a safety net: pool changes and finished requests already wake waiters.
     queues = WaitQueues(settings.queue_size, recheck_s=settings.poll_interval_s)
     app[appkeys.SETTINGS] = settings
     app[appkeys.STORE] = store
     app[appkeys.KEYS] = keys
-    app[appkeys.METRICS] = Metrics()
+    metrics = Metrics()
+    app[appkeys.METRICS] = metrics
+    app[appkeys.STORE_HEALTH] = StoreHealth("gateway")  # the gauge is StoreWatch's (poller)
     app[appkeys.QUEUES] = queues
     pool = BackendPool(settings, queue_depths=queues.depths)
-    # The one place waiting requests are woken from: whatever changes in the pool.
+    # The one place waiting requests are woken from: whatever changes in the pool (and the end of
+    # `corral up`'s startup, which is a fleet change too).
     pool.subscribe(queues.on_change)
     app[appkeys.POOL] = pool
+    app[appkeys.STARTUP] = StartupGate(starting)
+    app[appkeys.STARTUP].on_end(lambda: queues.on_change(Change("fleet")))
     app[appkeys.STORE_WATCH] = StoreWatch()
     app[appkeys.POLICY] = make_policy(
         settings.policy,
@@ -245,7 +274,7 @@ def create_app(
     )
     app[appkeys.TRACKER] = tracker
     app[appkeys.STARTED_AT] = time.time()
-    app[appkeys.LISTEN] = listen or settings.listen
+    app[appkeys.LISTEN] = listen
     app[appkeys.ACTIVITY] = Activity()
     app.cleanup_ctx.extend([_fleet_gauges, _static_backends, _client_session, _pool_and_poller])
     _routes(app)

@@ -13,6 +13,7 @@ from gateway.api.activity import Activity
 from gateway.api.admission import WaitQueues
 from gateway.api.auth import ApiKeys
 from gateway.api.lifecycle import RequestTracker
+from gateway.api.ready import StartupGate
 from gateway.config import GatewaySettings
 from gateway.fleet.inflight import InFlight
 from gateway.fleet.poller import Poller
@@ -20,12 +21,15 @@ from gateway.fleet.pool import BackendPool
 from gateway.fleet.storewatch import StoreWatch
 from gateway.metrics import Metrics
 from gateway.routing.policy import Policy
+from gateway.state.health import StoreHealth
 from gateway.state.store import StateStore
 
 SETTINGS = web.AppKey("corral_settings", GatewaySettings)
 STORE: web.AppKey[StateStore] = web.AppKey("corral_store")
 KEYS = web.AppKey("corral_keys", ApiKeys)
 METRICS = web.AppKey("corral_metrics", Metrics)
+STORE_HEALTH = web.AppKey("corral_store_health", StoreHealth)
+STARTUP = web.AppKey("corral_startup", StartupGate)
 POOL = web.AppKey("corral_pool", BackendPool)
 STORE_WATCH = web.AppKey("corral_store_watch", StoreWatch)  # store health + GPU inventory, for /metrics
 QUEUES = web.AppKey("corral_queues", WaitQueues)

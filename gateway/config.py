@@ -85,13 +85,36 @@ class GatewaySettings:
     max_body_bytes: int = field(default=32 * 1024 * 1024, metadata={"min": 1024})
     retries: int = field(default=2, metadata={"min": 0, "max": 10})
     connect_timeout_s: float = field(default=5.0, metadata={"duration": True, "min": 0.1})
+    # Upstream first byte: the router's expected time (load + queue + prefill, plus the decode of a
+    # non-streamed answer) times this factor, never less than the floor. A backend that stays
+    # silent past it is treated as hung: the request goes elsewhere (nothing was sent yet).
+    first_byte_timeout_factor: float = field(default=4.0, metadata={"min": 1})
+    first_byte_timeout_floor_s: float = field(default=120.0, metadata={"duration": True, "min": 0.1})
+    # Upstream silence between two chunks once a reply has started; the stream then ends with an
+    # error line.
+    stream_idle_timeout_s: float = field(default=120.0, metadata={"duration": True, "min": 0.1})
     health_interval_s: float = field(default=5.0, metadata={"duration": True, "min": 0.1})
+    health_timeout_s: float = field(default=2.0, metadata={"duration": True, "min": 0.1})
     poll_interval_s: float = field(default=1.0, metadata={"duration": True, "min": 0.05})
-    eject_after_failures: int = field(default=3, metadata={"min": 1})
+    eject_after_failures: int = field(default=2, metadata={"min": 1})
     eject_for_s: float = field(default=10.0, metadata={"duration": True, "min": 0.1})
     cold_load_threshold_s: float = field(default=1.0, metadata={"duration": True, "min": 0})
     # On shutdown: stop accepting, then let requests in progress finish for up to this long.
     drain_timeout_s: float = field(default=30.0, metadata={"duration": True, "min": 0})
+    # Client side, like nginx's client_header_timeout / client_body_timeout / keepalive_timeout:
+    # the request line and headers must arrive within header_read_timeout_s of the first byte (or
+    # of the connection), each read of a body within body_read_timeout_s of the last one, and an
+    # idle kept-alive connection is closed after keepalive_timeout_s.
+    header_read_timeout_s: float = field(default=10.0, metadata={"duration": True, "min": 0.05})
+    body_read_timeout_s: float = field(default=60.0, metadata={"duration": True, "min": 0.05})
+    keepalive_timeout_s: float = field(default=75.0, metadata={"duration": True, "min": 0.05})
+    # Open client connections beyond this get 503 and are closed.
+    max_connections: int = field(default=4096, metadata={"min": 1})
+    # Host headers accepted besides Ollama's own list when listening on loopback (DNS-rebinding
+    # guard); "*" accepts any.
+    allowed_hosts: tuple[str, ...] = ()
+    # One line per request on the `corral.access` logger (off: it costs a few percent at high rates).
+    access_log: bool = False
     api_keys_file: str = ""
     api_keys_env: str = "CORRAL_API_KEYS"
     admin_keys_file: str = ""

@@ -13,6 +13,7 @@ runs it beside the launcher with a shared MemoryStore; `corral gateway` runs it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -21,8 +22,9 @@ from types import TracebackType
 from aiohttp import web
 
 from gateway.api.auth import ApiKeys, check_listen_allowed, load_keys
+from gateway.api.limits import GuardedSite
 from gateway.app import create_app
-from gateway.appkeys import TRACKER
+from gateway.appkeys import POLLER, STARTUP, TRACKER
 from gateway.config import GatewaySettings
 from gateway.state.store import StateStore
 from gateway.tls import server_ssl_context
@@ -55,9 +57,11 @@ class GatewayServer:
         keys: ApiKeys | None = None,
         host: str | None = None,
         port: int | None = None,
+        starting: bool = False,
     ) -> None:
         """`keys`: None reads them as configured (files, environment). `host`/`port` override
-        settings.listen (port 0 picks a free port; see `port` after start). The store is not
+        settings.listen (port 0 picks a free port; see `port` after start). `starting`: model
+        calls wait as "starting" until `end_startup()` (for a launcher still starting backends). The store is not
         closed here: its owner closes it after the server."""
         self.settings = settings
         self.store = store
@@ -65,11 +69,12 @@ class GatewayServer:
         self.host = host if host is not None else settings.listen_host
         self._requested_port = port if port is not None else settings.listen_port
         self._runner: web.AppRunner | None = None
-        self._site: web.SockSite | None = None
+        self._site: GuardedSite | None = None
         self._app: web.Application | None = None
         self._port = 0
         self._drained: bool | None = None
         self._accepting = False
+        self._starting = starting
 
     @property
     def app(self) -> web.Application:
@@ -106,13 +111,21 @@ class GatewayServer:
         sock = bind_socket(self.host, self._requested_port)
         self._port = int(sock.getsockname()[1])
         listen = host_port(self.host, self._port)
-        self._app = create_app(self.settings, self.store, keys=self.keys, listen=listen)
+        self._app = create_app(self.settings, self.store, keys=self.keys, listen=listen, starting=self._starting)
         # handler_cancellation: a client that hangs up cancels its handler, which closes the
         # upstream request at once instead of at the next chunk.
-        runner = web.AppRunner(self._app, handler_cancellation=True, shutdown_timeout=CANCEL_GRACE_S, access_log=None)
+        # keepalive_timeout: how long an idle kept-alive client connection stays open (nginx's
+        # keepalive_timeout); the header and connection limits live in GuardedSite's protocol.
+        runner = web.AppRunner(
+            self._app,
+            handler_cancellation=True,
+            shutdown_timeout=CANCEL_GRACE_S,
+            access_log=None,
+            keepalive_timeout=self.settings.keepalive_timeout_s,
+        )
         try:
             await runner.setup()
-            site = web.SockSite(runner, sock, ssl_context=ssl_context)
+            site = GuardedSite(runner, sock, self.settings, ssl_context=ssl_context)
             await site.start()
         except BaseException:
             await runner.cleanup()
@@ -122,6 +135,21 @@ class GatewayServer:
         self._site = site
         self._accepting = True
         log.info("gateway listening on %s (policy %s)", self.url, self.settings.policy)
+
+    async def end_startup(self) -> None:
+        """The launcher has started its backends: read their records, health and inventories now
+        (so waiting requests find them ready with their models), then stop holding requests for
+        backends still to come."""
+        self._starting = False
+        if self._app is None:
+            return
+        poller = self._app[POLLER]
+        with contextlib.suppress(Exception):  # a store hiccup: the next poll reads them anyway
+            await poller.sync_records()
+        # What the backends hold now (models pulled during startup), before anyone decides on it.
+        await asyncio.gather(*(poller.check(b) for b in poller.pool.ids()))
+        await asyncio.gather(*(poller.poll(b) for b in poller.pool.ids()))
+        self._app[STARTUP].end()
 
     async def drain(self, timeout_s: float | None = None) -> bool:
         """Stop accepting, wait up to `timeout_s` (default settings.drain_timeout_s) for requests in

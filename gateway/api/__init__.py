@@ -10,5 +10,10 @@
                    readers: corral status, corral top, the page), warnings from status_warnings.py
     activity.py    recent routing decisions and per-model traffic, for the live views
     page/          the fleet page at /corral/ (static files shipped in the package)
+    ready.py       the startup gate of `corral up` (model calls wait as "starting")
+    bodies.py, strictjson.py   reading bodies (size, time, encodings) and strict JSON
+    limits.py      client limits: header timeout, connection cap, early 413 (the guarded protocol)
+    timeouts.py    upstream bounds: connect, first byte from the router's expectation, stream idle
+    hosts.py, accesslog.py     Ollama's Host check; request ids and the access log
     auth.py, cors.py, errors.py, lifecycle.py   keys, browsers, error replies, drain accounting
 """

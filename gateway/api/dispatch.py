@@ -22,15 +22,19 @@ import aiohttp
 from aiohttp import web
 
 from gateway import appkeys
+from gateway.api import bodies
+from gateway.api.accesslog import note
 from gateway.api.admission import QueueFull, QueueTimeout, Ticket
 from gateway.api.auth import bearer_token
-from gateway.api.errors import BACKEND_HEADER, error_for
+from gateway.api.errors import BACKEND_HEADER, error_for, error_text, model_not_found_text
 from gateway.api.fanout import call_all, routable
 from gateway.api.parse import BadRequest, ModelCall, parse_model_call
 from gateway.api.proxy import AttemptFailed, ClientGone, HeldResponse, Outcome, forward
+from gateway.api.timeouts import answer_decode_s, upstream_timeouts
 from gateway.fleet.inflight import SlotTaken
 from gateway.fleet.work import Work
 from gateway.routing.policy import PRIORITIES, Decision, Priority, Reject, RouteRequest, Send, Wait, choose
+from launcher.facts.faults import is_backend_fault
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +67,10 @@ class QueueRefused(Exception):
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The whole request body, bounded by the app's client_max_size. Raises BadRequest(413)."""
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.app[appkeys.SETTINGS].max_body_bytes
-        raise BadRequest(413, f"request body too large: the limit is {limit} bytes") from None
+    """The whole request body, decoded, bounded in size and in time (gateway/api/bodies.py).
+    Raises BadRequest (400, 408, 413, 415)."""
+    settings = request.app[appkeys.SETTINGS]
+    return await bodies.read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
 
 
 async def handle_model_call(request: web.Request) -> web.StreamResponse:
@@ -78,6 +80,7 @@ async def handle_model_call(request: web.Request) -> web.StreamResponse:
     try:
         body = b"" if path_model is not None else await read_body(request)
         call = parse_model_call(request.path, body, path_model)
+        note(request, model=call.model)
         priority = request_priority(request)
     except BadRequest as e:
         _count(request, "", "", e.status)
@@ -103,6 +106,9 @@ def _decide(request: web.Request, route: RouteRequest, ticket: Ticket | None = N
     queues = app[appkeys.QUEUES]
     ahead = ticket.position if ticket is not None else queues.ahead(route.model, route.priority)
     decision = choose(replace(route, ahead=ahead), app[appkeys.POOL].snapshot(), app[appkeys.POLICY])
+    if isinstance(decision, Reject) and decision.status in (404, 503) and app[appkeys.STARTUP].active:
+        # `corral up` is still starting backends and pulling models: not an answer yet.
+        decision = Wait("starting", note="the launcher is still starting its backends")
     kind = type(decision).__name__.lower()
     app[appkeys.METRICS].decisions.labels(kind, decision.reason).inc()
     app[appkeys.ACTIVITY].decided(route.model, decision)
@@ -174,7 +180,10 @@ async def _route(
                 return error_for(request, 502, f"{decision.message} (last failure: {last_failure})")
             _count(request, call.model, "", decision.status)
             headers = {"Retry-After": "1"} if decision.status == 503 else None
-            return error_for(request, decision.status, decision.message, headers=headers)
+            message = decision.message
+            if decision.reason == "not_found":  # each route says it its own way, as Ollama does
+                message = model_not_found_text(request.path, call.requested_as)
+            return error_for(request, decision.status, message, headers=headers)
         slot_taken = False
         try:
             return await _send(request, call, decision, body, started_at, priority)
@@ -182,6 +191,11 @@ async def _route(
             slot_taken = True  # another gateway was quicker: wait for the next change
             continue
         except AttemptFailed as e:
+            if e.held is not None and not is_backend_fault(e.held.status, error_text(e.held.body, e.held.status)):
+                # The request's own error (a bad option, a template error): every backend would
+                # say the same, so it is passed on once and counts as no failover.
+                _count(request, call.model, e.backend_id, e.held.status)
+                return e.held.to_response()
             held = e.held or held
             last_failure = e.message
             log.warning("<%s> %s %s failed before the first byte: %s", e.backend_id, request.method, request.path, e)
@@ -193,6 +207,7 @@ async def _route(
                 _count(request, call.model, e.backend_id, 502)
                 return error_for(request, 502, f"backend {e.backend_id} failed: {e.message}")
             retries_left -= 1
+            note(request, retries=settings.retries - retries_left)
             metrics.retries.labels(_model_label(request, call.model)).inc()
             route = replace(route, exclude=route.exclude | {e.backend_id})
 
@@ -213,6 +228,10 @@ async def _send(
     record = pool.record(backend_id)
     if record is None:  # removed between the decision and now
         raise AttemptFailed(backend_id, "backend no longer registered")
+    expected_s = decision.expected_ttft_s
+    if not call.stream:  # the first byte of a whole answer comes after its decode
+        expected_s += answer_decode_s(pool.snapshot(), backend_id, call.model, call.num_predict or 0)
+    bounds = upstream_timeouts(app[appkeys.SETTINGS], expected_s)
     extra_headers: dict[str, str] = {}
     if decision.num_ctx is not None and call.options.num_ctx is not None:
         body = _with_num_ctx(body, decision.num_ctx)
@@ -243,10 +262,12 @@ async def _send(
                     backend_id,
                     record.url,
                     body,
-                    connect_timeout_s=app[appkeys.SETTINGS].connect_timeout_s,
+                    connect_timeout_s=bounds.connect_s,
                     started_at=started_at,
                     on_tokens=work.add_tokens if work is not None else None,
                     extra_headers=extra_headers,
+                    first_byte_timeout_s=bounds.first_byte_s,
+                    idle_timeout_s=bounds.idle_s,
                 )
             except AttemptFailed as e:
                 if e.connection_failed and pool.mark_failure(backend_id, e.message):

@@ -25,6 +25,11 @@ METHOD_NOT_ALLOWED_TEXT = "405 method not allowed"
 
 ErrorShape = Literal["ollama", "openai", "anthropic"]
 
+# Routes whose handlers report an unknown model through handleScheduleError (routes.go: EmbedHandler
+# and EmbeddingsHandler look the model up with getModel; /v1/embeddings is /api/embed behind the
+# OpenAI middleware), with its own text.
+PULL_HINT_PATHS: frozenset[str] = frozenset({"/api/embed", "/api/embeddings", "/v1/embeddings"})
+
 # anthropic.NewError's types by status; any other status is an "api_error".
 _ANTHROPIC_TYPES: dict[int, str] = {
     400: "invalid_request_error",
@@ -78,6 +83,13 @@ def error_text(body: bytes, status: int | None = None) -> str:
             return str(error)
     text = body.decode(errors="replace").strip()[:200]
     return text or (f"HTTP {status}" if status is not None else "")
+
+
+def model_not_found_text(path: str, name: str) -> str:
+    """Ollama's 404 text for an unknown model on this route."""
+    if path in PULL_HINT_PATHS:
+        return f'model "{name}" not found, try pulling it first'
+    return f"model '{name}' not found"
 
 
 def gateway_error(

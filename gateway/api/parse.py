@@ -7,11 +7,11 @@ OpenAI-compatible requests carry no Ollama options (Ollama's middleware maps onl
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.api.strictjson import loads_strict
 from gateway.routing.policy import RequestKind
 from gateway.routing.snapshot import LoadOptions
 from launcher.facts.catalog import normalize_name
@@ -72,7 +72,7 @@ def parse_body(body: bytes) -> dict[str, Any]:
     if not body.strip():
         raise BadRequest(400, "missing request body")
     try:
-        value = json.loads(body)
+        value = loads_strict(body)
     except ValueError as e:
         raise BadRequest(400, f"invalid JSON in request body: {e}") from None
     if not isinstance(value, dict):

@@ -26,6 +26,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.api.accesslog import REQUEST_ID_HEADER, request_id_of
+from gateway.api.bodies import BODY_DECODED
 from gateway.api.errors import (
     BACKEND_HEADER,
     error_shape,
@@ -160,12 +162,17 @@ def connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
 
 def upstream_headers(request: web.Request) -> CIMultiDict[str]:
     drop = DROP_REQUEST_HEADERS | connection_tokens(request.headers)
+    if request.get(BODY_DECODED):  # the body goes on decoded: its old encoding no longer applies
+        drop |= {"content-encoding"}
     headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in drop)
     forwarded_for = request.headers.get("X-Forwarded-For")
     remote = request.remote or ""
     headers["X-Forwarded-For"] = f"{forwarded_for}, {remote}" if forwarded_for else remote
     headers["X-Forwarded-Host"] = request.host
     headers["X-Forwarded-Proto"] = request.scheme
+    request_id = request_id_of(request)
+    if request_id:  # the same id in the backend's logs as in the client's and ours
+        headers[REQUEST_ID_HEADER] = request_id
     return headers
 
 
@@ -180,6 +187,11 @@ def reply_headers(upstream: aiohttp.ClientResponse, backend_id: str) -> CIMultiD
 
 def is_stream_type(content_type: str) -> bool:
     return content_type.startswith(("application/x-ndjson", "text/event-stream"))
+
+
+def midstream_client_text(backend_id: str) -> str:
+    """What a client reads when its stream breaks after it started (no internal exception text)."""
+    return f"backend {backend_id} failed mid-stream; the reply is incomplete"
 
 
 def _describe(error: BaseException) -> str:
@@ -199,14 +211,19 @@ async def forward(
     path: str | None = None,
     on_tokens: Callable[[int], None] | None = None,
     extra_headers: Mapping[str, str] | None = None,
+    first_byte_timeout_s: float | None = None,
+    idle_timeout_s: float | None = None,
 ) -> Outcome:
     """Send `request` (with `body`) to the backend and stream the reply to the client.
 
-    Raises AttemptFailed before the first byte was written (nothing sent to the client yet), and
-    ClientGone when the client hung up. Once the reply has started it always returns an Outcome,
-    with `midstream_error` set when the backend failed during it. `on_tokens` is called with the
-    count of NDJSON lines or SSE events in each streamed chunk relayed (about one token each: what
-    the router's wait model reads); `extra_headers` are added to the reply."""
+    Raises AttemptFailed before the first byte was written (nothing sent to the client yet; also
+    when no first byte came within `first_byte_timeout_s` of the call), and ClientGone when the
+    client hung up. Once the reply has started it always returns an Outcome, with
+    `midstream_error` set when the backend failed during it (or was silent for `idle_timeout_s`
+    between two chunks). None: no bound (gateway/api/timeouts.py explains the bounds).
+    `on_tokens` is called with the count of NDJSON lines or SSE events in each streamed chunk
+    relayed (about one token each: what the router's wait model reads); `extra_headers` are added
+    to the reply."""
     url = base_url.rstrip("/") + (path if path is not None else request.path_qs)
     if isinstance(body, bytes) and len(body) > LARGE_BODY_BYTES:
         # aiohttp writes a large bytes body in one go (and warns); a file-like one goes in chunks.
@@ -214,21 +231,30 @@ async def forward(
     # No total timeout: a generation may stream for many minutes, and the first byte may wait for
     # a model load. Only connecting is bounded.
     timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_connect=connect_timeout_s)
+    loop = asyncio.get_running_loop()
+    first_byte_by = None if first_byte_timeout_s is None else loop.time() + first_byte_timeout_s
     try:
-        upstream = await session.request(
-            request.method,
-            url,
-            data=body,
-            headers=upstream_headers(request),
-            timeout=timeout,
-            allow_redirects=False,
-        )
+        async with asyncio.timeout_at(first_byte_by):
+            upstream = await session.request(
+                request.method,
+                url,
+                data=body,
+                headers=upstream_headers(request),
+                timeout=timeout,
+                allow_redirects=False,
+            )
     except asyncio.CancelledError:
         raise
+    except TimeoutError as e:
+        if first_byte_by is not None and loop.time() >= first_byte_by:
+            raise AttemptFailed(backend_id, f"no reply within {first_byte_timeout_s:.1f}s (hung?)") from e
+        raise AttemptFailed(backend_id, _describe(e)) from e
     except CONNECT_ERRORS as e:
         raise AttemptFailed(backend_id, _describe(e)) from e
     try:
-        return await _relay(request, upstream, backend_id, started_at, on_tokens, extra_headers or {})
+        return await _relay(
+            request, upstream, backend_id, started_at, first_byte_by, idle_timeout_s, on_tokens, extra_headers or {}
+        )
     finally:
         # Closing (not releasing) drops the connection when the reply did not finish, which is how
         # the backend learns that the client went away.
@@ -250,15 +276,21 @@ async def _relay(
     upstream: aiohttp.ClientResponse,
     backend_id: str,
     started_at: float,
+    first_byte_by: float | None,
+    idle_timeout_s: float | None,
     on_tokens: Callable[[int], None] | None = None,
     extra_headers: Mapping[str, str] | None = None,
 ) -> Outcome:
     if upstream.status >= 500:
-        held_body = await _read_held_body(upstream)
+        async with asyncio.timeout(idle_timeout_s):  # what arrived in time is enough to judge it
+            held_body = await _read_held_body(upstream)
         held = HeldResponse(backend_id, upstream.status, CIMultiDict(upstream.headers), held_body)
         raise AttemptFailed(backend_id, f"HTTP {upstream.status}: {error_text(held_body, upstream.status)}", held)
     try:
-        first = await upstream.content.readany()
+        async with asyncio.timeout_at(first_byte_by):
+            first = await upstream.content.readany()
+    except TimeoutError as e:
+        raise AttemptFailed(backend_id, "no first byte in time (hung?)") from e
     except CONNECT_ERRORS as e:
         raise AttemptFailed(backend_id, f"failed before the first byte: {_describe(e)}") from e
 
@@ -294,7 +326,13 @@ async def _relay(
     chunk = first
     while chunk:
         try:
-            chunk = await upstream.content.readany()
+            # The idle bound is per read: a relay that only moves bytes keeps it as it is.
+            async with asyncio.timeout(idle_timeout_s):
+                chunk = await upstream.content.readany()
+        except TimeoutError:
+            midstream_error = f"backend {backend_id} sent nothing for {idle_timeout_s:g}s mid-stream (hung?)"
+            log.warning("<%s> %s %s: %s", backend_id, request.method, request.path, midstream_error)
+            break
         except CONNECT_ERRORS as e:
             midstream_error = f"backend {backend_id} failed mid-stream: {_describe(e)}"
             log.warning("<%s> %s %s: %s", backend_id, request.method, request.path, midstream_error)
@@ -308,10 +346,12 @@ async def _relay(
                 raise ClientGone(response, str(e)) from e
     try:
         if midstream_error is not None:
+            # The client gets a short line; the exception text went to the log above.
+            text = midstream_client_text(backend_id)
             if sse:
-                await response.write(sse_error_event(midstream_error, error_shape(request.path)))
+                await response.write(sse_error_event(text, error_shape(request.path)))
             else:
-                await response.write(ndjson_error_line(midstream_error))
+                await response.write(ndjson_error_line(text))
         await response.write_eof()
     except (ConnectionError, aiohttp.ClientConnectionResetError) as e:
         raise ClientGone(response, str(e)) from e

@@ -21,9 +21,13 @@ from contextlib import asynccontextmanager
 
 from gateway.fleet.pool import BackendPool
 from gateway.fleet.work import Work
+from gateway.state.health import StoreHealth
 from gateway.state.store import StateStore
 
 log = logging.getLogger(__name__)
+
+# The longest a request waits for its in-flight increment before going on without it.
+STORE_WAIT_S = 0.5
 
 
 class SlotTaken(Exception):
@@ -31,8 +35,11 @@ class SlotTaken(Exception):
 
 
 class InFlight:
-    def __init__(self, store: StateStore, pool: BackendPool) -> None:
+    def __init__(self, store: StateStore, pool: BackendPool, store_health: StoreHealth | None = None) -> None:
         self._store = store
+        # While the store is down no request waits on it (nor logs about it): the poller's next
+        # successful read brings it back, and counting resumes with the next request.
+        self._health = store_health or StoreHealth("gateway")
         self._pool = pool
         self._pending: set[asyncio.Task[None]] = set()
 
@@ -66,7 +73,9 @@ class InFlight:
                 raise SlotTaken(f"backend {backend_id}: every slot of {model} is taken")
         incr = asyncio.ensure_future(self._incr(backend_id, model))
         try:
-            await asyncio.shield(incr)
+            # Bounded: a store that hangs must not hold the request (the decrement still waits for
+            # the increment's outcome, so the counts stay balanced).
+            await asyncio.wait([incr], timeout=STORE_WAIT_S)
             yield work
         finally:
             self._pool.end(work)
@@ -78,10 +87,12 @@ class InFlight:
 
     async def _reserve(self, backend_id: str, model: str, slots: int) -> str | None:
         """A slot token; "" when the store failed (routing goes on with this gateway's own count)."""
+        if not self._health.up:  # no wait on a store known to be down, and no warning per request
+            return ""
         try:
             return await self._store.reserve_slot(backend_id, model, slots)
         except Exception as e:
-            log.warning("<%s> slot reservation failed: %s", backend_id, e)
+            self._health.failed(e)
             return ""
 
     def _release_later(self, reserve: asyncio.Future[str | None], backend_id: str, model: str) -> None:
@@ -96,14 +107,16 @@ class InFlight:
         try:
             await self._store.release_slot(backend_id, model, str(reserve.result()))
         except Exception as e:  # the reservation then expires with its TTL
-            log.warning("<%s> slot release failed: %s", backend_id, e)
+            self._health.failed(e)
 
     async def _incr(self, backend_id: str, model: str) -> bool:
         """Count the request in the store; False when the store refused (the mirror still counts)."""
+        if not self._health.up:
+            return False
         try:
             await self._store.incr_in_flight(backend_id, model)
         except Exception as e:  # routing goes on with the local mirror
-            log.warning("<%s> in-flight increment failed: %s", backend_id, e)
+            self._health.failed(e)
             return False
         self._pool.note_stored(backend_id, model, +1)
         return True
@@ -115,7 +128,7 @@ class InFlight:
         try:
             await self._store.decr_in_flight(backend_id, model)
         except Exception as e:
-            log.warning("<%s> in-flight decrement failed: %s", backend_id, e)
+            self._health.failed(e)
             return
         self._pool.note_stored(backend_id, model, -1)
 

@@ -19,8 +19,10 @@ import aiohttp
 from gateway.config import GatewaySettings
 from gateway.fleet.modelfacts import facts_from_catalog, facts_from_show
 from gateway.fleet.pool import BackendPool, row_model_name
+from gateway.fleet.records import RecordMemory
 from gateway.fleet.storewatch import StoreWatch
 from gateway.metrics import Metrics
+from gateway.state.health import StoreHealth
 from gateway.state.store import StateStore
 from launcher.models.show import needs_verbose
 
@@ -31,6 +33,8 @@ FACTS_RETRY_S = 60.0
 # stop(): cancel, wait this long, cancel again what still runs; this many times at most.
 STOP_ROUND_S = 1.0
 STOP_ROUNDS = 10
+# First re-probe delay of a backend that has not answered yet; doubles up to health_interval_s.
+FIRST_PROBE_BACKOFF_S = 0.2
 
 
 class Poller:
@@ -45,6 +49,7 @@ class Poller:
         session: aiohttp.ClientSession,
         metrics: Metrics,
         watch: StoreWatch | None = None,
+        store_health: StoreHealth | None = None,
     ) -> None:
         self.settings = settings
         self.watch = watch or StoreWatch()
@@ -57,9 +62,12 @@ class Poller:
         self._facts_pending: set[str] = set()
         self._facts_failed_at: dict[str, float] = {}
         self._background: set[asyncio.Task[Any]] = set()
+        # Short: a hung backend must be found out within about one interval plus two timeouts.
         self._check_timeout = aiohttp.ClientTimeout(
-            total=max(2.0, 2 * settings.connect_timeout_s), connect=settings.connect_timeout_s
+            total=settings.health_timeout_s, connect=min(settings.connect_timeout_s, settings.health_timeout_s)
         )
+        self.store_health = store_health or StoreHealth("gateway")
+        self._records = RecordMemory()
 
     async def start(self) -> None:
         try:
@@ -96,7 +104,23 @@ class Poller:
     # -- records ---------------------------------------------------------------------------------
 
     async def sync_records(self) -> None:
-        records = await self.store.list_backends()
+        """Adopt the store's records (see RecordMemory for what a missing one means). Raises the
+        store's error after noting it in `store_health` (one warning per outage)."""
+        try:
+            records = await self.store.list_backends()
+            generation = await self.store.generation()
+            in_flight = await self.store.in_flight()
+        except Exception as e:
+            _reraise_if_cancelled(e)
+            self.store_health.failed(e)
+            raise
+        self.store_health.succeeded()
+        healthy = {
+            backend_id: record
+            for backend_id in self.pool.ids()
+            if self.pool.healthy(backend_id) and (record := self.pool.record(backend_id)) is not None
+        }
+        records = self._records.merge(records, generation, healthy)
         changes = self.pool.sync_records(records)
         for backend_id in changes.removed:
             for task in self._tasks.pop(backend_id, []):
@@ -111,7 +135,7 @@ class Poller:
         if self._main is not None:  # after start(): new backends get their first round in their tasks
             for backend_id in changes.added:
                 self._start_tasks(backend_id)
-        self.pool.replace_in_flight(await self.store.in_flight())
+        self.pool.replace_in_flight(in_flight)
 
     async def _follow_store(self) -> None:
         for backend_id in self.pool.ids():
@@ -123,9 +147,7 @@ class Poller:
                 await self.sync_records()
             except Exception as e:  # a store hiccup (Redis restart) must not stop the gateway
                 _reraise_if_cancelled(e)
-                if self.watch.up is not False:
-                    log.warning("state store read failed: %s", e)
-                self.watch.failed(e)
+                self.watch.failed(e)  # sync_records warned (once per outage, StoreHealth)
                 continue
             await self.read_inventory()
 
@@ -173,11 +195,22 @@ class Poller:
         return True
 
     async def _health_loop(self, backend_id: str) -> None:
+        # Until its first success a backend is probed on a short backoff (a static backend that was
+        # not up when the gateway started is in within ~0.2-1 s of coming up, not one interval).
+        backoff_s = FIRST_PROBE_BACKOFF_S
+        ever_healthy = self._healthy(backend_id)
         while True:
             was_healthy = self._healthy(backend_id)
             ok = await self.check(backend_id)
             if ok and not was_healthy and self._healthy(backend_id):
                 await self.poll(backend_id)  # back in: learn what it holds before routing to it
+            ever_healthy = ever_healthy or self._healthy(backend_id)
+            if not ok and self._healthy(backend_id):
+                continue  # a first failure is re-probed at once: a hung backend is out after two
+            if not ever_healthy:
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, self.settings.health_interval_s)
+                continue
             await asyncio.sleep(self.settings.health_interval_s)
 
     def _healthy(self, backend_id: str) -> bool:

@@ -83,5 +83,8 @@ class MemoryStore:
     async def ping(self) -> None:
         return None
 
+    async def generation(self) -> str:
+        return "memory"  # lives and dies with its process: never loses its contents under a reader
+
     async def close(self) -> None:
         return None

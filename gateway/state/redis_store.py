@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import redis.asyncio as aioredis
 
 from gateway.record import BackendRecord
+from gateway.state.health import reraise_if_cancelled
 from launcher.facts.gpuinfo import PublishedGpu
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,12 @@ class RedisStore:
     def _inflight_key(self) -> str:
         return self._k("inflight", self._owner)
 
+    async def generation(self) -> str:
+        """The Redis server's run_id: a new one after every restart (which, without persistence,
+        came back empty)."""
+        info = await self._redis.info("server")
+        return str(info.get("run_id", ""))
+
     async def ping(self) -> None:
         """Raise when Redis cannot be reached (for a clear error at start)."""
         await self._redis.ping()
@@ -183,16 +190,16 @@ class RedisStore:
         interval_s = self._owner_ttl_ms / 3000
         while True:
             await asyncio.sleep(interval_s)
-            with contextlib.suppress(aioredis.RedisError, OSError):
+            try:
                 await self._redis.pexpire(self._inflight_key, self._owner_ttl_ms)
                 if self._held_slots:
                     held = list(self._held_slots.items())
                     await self._refresh_slots(
                         keys=[key for _, key in held], args=[self._owner_ttl_ms, *(token for token, _ in held)]
                     )
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():  # redis-py may swallow a cancellation
-                raise asyncio.CancelledError
+            except (aioredis.RedisError, OSError):
+                pass  # the next round tries again; a dead gateway's counts expire with their TTL
+            reraise_if_cancelled()  # redis-py may swallow a cancellation; close() waits for this loop
 
     async def incr_in_flight(self, backend_id: str, model: str) -> int:
         self._ensure_refresher()

@@ -52,6 +52,11 @@ class StateStore(Protocol):
         """Returns when the store answers; raises when it cannot be reached (a shared store)."""
         ...
 
+    async def generation(self) -> str:
+        """An id that changes when the store lost its contents (a Redis restarted empty): readers
+        then treat missing records as not yet re-published rather than removed."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 
@@ -46,6 +46,9 @@ from launcher.supervise.childproc import SpawnError, port_in_use
 from launcher.supervise.env import backend_env, check_env_overrides, resolve_models_dir
 from launcher.supervise.preload import PreloadTarget, ProgressPrinter, preload
 from launcher.supervise.supervisor import BackendLaunch, BackendProcess, Supervisor, Timing
+
+if TYPE_CHECKING:
+    from gateway.server import GatewayServer
 
 T = TypeVar("T")
 
@@ -186,7 +189,13 @@ def build_launches(
     launches = []
     for planned in plan.backends:
         env = backend_env(
-            planned, cfg.launcher, models_dir=models_dir, base_env=os.environ, sim_rig=sim_rig, sim_speed=speed
+            planned,
+            cfg.launcher,
+            models_dir=models_dir,
+            base_env=os.environ,
+            sim_rig=sim_rig,
+            sim_speed=speed,
+            secret_names=frozenset({cfg.gateway.api_keys_env, cfg.gateway.admin_keys_env}),
         )
         launches.append(BackendLaunch(planned, argv, env, host=cfg.launcher.host, log_dir=cfg.launcher.log_dir))
     return launches
@@ -266,6 +275,14 @@ async def _up_until_stopped(cfg: CorralConfig, opts: UpOptions, out: ProgressPri
     def keep_alive_for(model: str) -> str:
         return keep_alive.get(normalize_name(model)) or cfg.launcher.keep_alive
 
+    # The gateway listens before anything starts: `/`, /api/version and /api/tags answer at once,
+    # model calls wait in its queue ("starting") until a backend is ready, and
+    # GET /api/corral/ready is the ready signal (not "the port answers").
+    gateway = await _start_gateway(cfg, opts, store)
+    if gateway is None:
+        await store.close()
+        return 1
+    out.line(f"listening: {gateway.url} (backends starting; {gateway.url}/api/corral/ready says when they are)")
     session = aiohttp.ClientSession(trust_env=False)
 
     def targets(processes: list[BackendProcess], sup: Supervisor) -> list[PreloadTarget]:
@@ -292,6 +309,7 @@ async def _up_until_stopped(cfg: CorralConfig, opts: UpOptions, out: ProgressPri
             record_prefix=f"{host_name}/" if ttl_s is not None else "",
             on_restart_ready=reload_after_restart if opts.preload else None,
         ) as sup:
+            sup.warming = opts.preload
             out.line(f"starting {len(launches)} backend(s): {' '.join(rig.ollama_bin)}")
             failures = await stopper.until_stopped(sup.start_all())
             if failures:
@@ -315,11 +333,15 @@ async def _up_until_stopped(cfg: CorralConfig, opts: UpOptions, out: ProgressPri
                     if code:
                         return code
                     await publisher.publish_once()  # show the preloaded models' memory at once
-                return await _serve(cfg, opts, store, the_plan, out, stopper)
+                await sup.end_warming()
+                await gateway.end_startup()
+                return await _serve(cfg, gateway, the_plan, out, stopper)
             finally:
+                await gateway.drain(0.0)  # a no-op after _serve's drain; stops at once on an error path
                 await publisher.close()
                 out.line("stopping backends ...")
     finally:
+        await gateway.drain(0.0)
         await session.close()
         await store.close()
 
@@ -393,26 +415,25 @@ async def _preload(
     return 0
 
 
-async def _serve(
-    cfg: CorralConfig, opts: UpOptions, store: StateStore, plan: Plan, out: ProgressPrinter, stopper: Stopper
-) -> int:
+async def _start_gateway(cfg: CorralConfig, opts: UpOptions, store: StateStore) -> GatewayServer | None:
     from gateway.server import GatewayServer
 
-    gateway = GatewayServer(cfg.gateway, store, host=opts.listen_host, port=opts.listen_port)
+    gateway = GatewayServer(cfg.gateway, store, host=opts.listen_host, port=opts.listen_port, starting=True)
     try:
         await gateway.start()
     except OSError as e:
         print(f"corral up: the gateway cannot listen on {opts.listen_host}:{opts.listen_port}: {e}", file=sys.stderr)
-        return 1
-    try:
-        # OLLAMA_HOST takes host:port for plain HTTP; with TLS it needs the scheme (https://host:port).
-        proxy_host = gateway.url.removeprefix("http://")
-        for line in ready_lines(gateway.url, plan, proxy_host):
-            out.line(line)
-        await stopper.event.wait()
-        out.line(f"draining the gateway (up to {cfg.gateway.drain_timeout_s:g}s) ...")
-        if not await gateway.drain(cfg.gateway.drain_timeout_s):
-            out.line("drain timeout: requests still running were cancelled")
-    finally:
-        await gateway.drain(0.0)  # a no-op after the drain above; stops at once on an error path
+        return None
+    return gateway
+
+
+async def _serve(cfg: CorralConfig, gateway: GatewayServer, plan: Plan, out: ProgressPrinter, stopper: Stopper) -> int:
+    # OLLAMA_HOST takes host:port for plain HTTP; with TLS it needs the scheme (https://host:port).
+    proxy_host = gateway.url.removeprefix("http://")
+    for line in ready_lines(gateway.url, plan, proxy_host):
+        out.line(line)
+    await stopper.event.wait()
+    out.line(f"draining the gateway (up to {cfg.gateway.drain_timeout_s:g}s) ...")
+    if not await gateway.drain(cfg.gateway.drain_timeout_s):
+        out.line("drain timeout: requests still running were cancelled")
     return 0

@@ -6,5 +6,6 @@
     catalog.py     the model catalog: architecture facts of common Ollama models
     perf.py        the performance and memory model: VRAM need, load, prefill and decode times
     gpuinfo.py     the typed GPU inventory record shared by discovery, the state store and status
+    hosts.py       Ollama's Host check (DNS-rebinding guard), shared by the simulator and the gateway
     strictconf.py  strict TOML decoding into frozen dataclasses, and `ConfigError`
 """

@@ -9,20 +9,18 @@ that only differs by a trailing slash.
 from __future__ import annotations
 
 import fnmatch
-import ipaddress
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Literal
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from launcher.facts.hosts import check_host, is_loopback_bind, local_ips
 from launcher.sim import create as create_route
 from launcher.sim import handlers_infer as infer
 from launcher.sim import handlers_models as models
 from launcher.sim import openai_compat as openai
 from launcher.sim.clock import Clock
-from launcher.sim.env import ServeSettings, split_host_port
+from launcher.sim.env import ServeSettings
 from launcher.sim.handlers_infer import SERVICE
 from launcher.sim.service import SimService
 from launcher.sim.wire import json_response, text_response
@@ -47,50 +45,10 @@ def allowed_origins(extra: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(origins)
 
 
-def _local_ips() -> set[str]:
-    ips = set()
-    try:
-        for info in socket.getaddrinfo(socket.gethostname(), None):
-            ips.add(str(info[4][0]))
-    except OSError:
-        pass
-    return ips
-
-
-HostCheck = Literal["ip", "name", "refused"]
-
-
-def check_host(host_header: str, local_ips: set[str]) -> HostCheck:
-    """allowedHostsMiddleware's test for a server bound to loopback (routes.go): "ip" for a local or
-    private address (passed on as is), "name" for a local name (which also answers OPTIONS itself)."""
-    host, _port = split_host_port(host_header)
-    if host is None:
-        host = host_header  # no port: Go keeps the whole header, so "[::1]" is no address
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        ip = None
-    if ip is not None and (ip.is_loopback or ip.is_private or ip.is_unspecified or str(ip) in local_ips):
-        return "ip"
-    host = host.lower()
-    if host in ("", "localhost") or host == socket.gethostname().lower():
-        return "name"
-    if any(host.endswith("." + tld) for tld in ("localhost", "local", "internal")):
-        return "name"
-    return "refused"
-
-
-def _is_loopback_bind(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def make_middlewares(settings: ServeSettings) -> list[Middleware]:
     origins = allowed_origins(settings.origins)
-    loopback = _is_loopback_bind(settings.host)
-    local_ips = _local_ips()
+    loopback = is_loopback_bind(settings.host)
+    local_addresses = local_ips()
 
     @web.middleware
     async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -116,7 +74,7 @@ def make_middlewares(settings: ServeSettings) -> list[Middleware]:
     @web.middleware
     async def hosts(request: web.Request, handler: Handler) -> web.StreamResponse:
         if loopback:
-            verdict = check_host(request.headers.get("Host", ""), local_ips)
+            verdict = check_host(request.headers.get("Host", ""), local_addresses)
             if verdict == "refused":
                 return web.Response(status=403)
             if verdict == "name" and request.method == "OPTIONS":

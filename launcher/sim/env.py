@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.config import SimSettings, load_sim_settings
+from launcher.facts.hosts import split_host_port
 from launcher.facts.ollama import (
     DEFAULT_KEEP_ALIVE_S,
     default_max_loaded_models,
@@ -118,17 +119,6 @@ def parse_ollama_host(value: str) -> tuple[str, str, int, str]:
     return scheme, host, number, path
 
 
-def split_host_port(hostport: str) -> tuple[str | None, str]:
-    """Go's net.SplitHostPort: "h:p", "[v6]:p"; anything else is an error (None)."""
-    if hostport.startswith("["):
-        end = hostport.find("]")
-        if end < 0 or hostport[end + 1 : end + 2] != ":":
-            return None, ""
-        return hostport[1:end], hostport[end + 2 :]
-    if hostport.count(":") != 1:
-        return None, ""
-    host, _, port = hostport.partition(":")
-    return host, port
 
 
 def _uint(environ: Mapping[str, str], key: str, default: int) -> int:

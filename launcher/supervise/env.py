@@ -40,6 +40,29 @@ MANAGED_VARS: frozenset[str] = frozenset(
     }
 )
 
+# Corral's own variables a child may see (the simulator's knobs); any other CORRAL_* variable
+# that names a key, token, secret or password is the gateway's, never a backend's.
+CHILD_CORRAL_VARS: frozenset[str] = frozenset({"CORRAL_SIM_RIG", "CORRAL_SIM_SPEED"})
+_SECRET_WORDS: tuple[str, ...] = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
+
+
+def is_secret_var(name: str, secret_names: frozenset[str] = frozenset()) -> bool:
+    """Whether a variable must not reach a child process: one named by `[gateway] api_keys_env` /
+    `admin_keys_env` (passed in `secret_names`), or a CORRAL_* variable that holds a key. Keys in
+    `/proc/PID/environ` of every `ollama serve` would be readable by anything running as that user
+    and end up in crash reports; a backend needs none of them."""
+    if name in secret_names:
+        return True
+    upper = name.upper()
+    return upper.startswith("CORRAL_") and upper not in CHILD_CORRAL_VARS and any(w in upper for w in _SECRET_WORDS)
+
+
+def child_base_env(base_env: Mapping[str, str], secret_names: frozenset[str] = frozenset()) -> dict[str, str]:
+    """The launcher's environment minus secrets: what every child (backends, the orphan guard)
+    starts from. PATH, HOME, LD_LIBRARY_PATH, proxies, CUDA_*, NVIDIA_*, TMPDIR and the rest stay."""
+    return {k: v for k, v in base_env.items() if not is_secret_var(k, secret_names)}
+
+
 # What makes a backend *that* backend: `[launcher].env` may tune anything else, not these.
 IDENTITY_VARS: frozenset[str] = frozenset({"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "OLLAMA_HOST", "OLLAMA_MODELS"})
 
@@ -121,15 +144,17 @@ def backend_env(
     base_env: Mapping[str, str],
     sim_rig: str | None = None,
     sim_speed: float | None = None,
+    secret_names: frozenset[str] = frozenset(),
 ) -> dict[str, str]:
     """The complete environment for one backend process.
 
-    `base_env` is what the launcher inherited (os.environ); the managed variables are dropped from
-    it and set from the plan, then `[launcher].env` is applied on top. `sim_rig` (the config file
+    `base_env` is what the launcher inherited (os.environ). Secrets (`secret_names` and CORRAL_*
+    keys, see is_secret_var) and the managed variables are dropped from it, the latter then set
+    from the plan and config, and `[launcher].env` is applied on top. `sim_rig` (the config file
     path) marks a simulated backend: it gets CORRAL_SIM_RIG, and CORRAL_SIM_SPEED when `sim_speed`
     is given (else an inherited CORRAL_SIM_SPEED passes through, as the config documents).
     """
-    env = {k: v for k, v in base_env.items() if k not in MANAGED_VARS}
+    env = {k: v for k, v in child_base_env(base_env, secret_names).items() if k not in MANAGED_VARS}
     devices, device_extra = visible_devices(backend)
     env["CUDA_VISIBLE_DEVICES"] = devices
     env.update(device_extra)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import socket
 import sys
@@ -28,6 +29,7 @@ from typing import Any
 import aiohttp
 
 from gateway.record import BackendRecord, BackendState
+from gateway.state.health import StoreHealth, reraise_if_cancelled
 from gateway.state.store import StateStore
 from launcher.facts.ollama import context_length_env
 from launcher.supervise.backend import (
@@ -69,6 +71,16 @@ def record_state(state: State) -> BackendState:
     return _RECORD_STATE[state]
 
 
+# The orphan guard's whole environment (it kills process groups; it needs no key, no CUDA).
+GUARD_ENV_VARS: frozenset[str] = frozenset(
+    {"PATH", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ"}
+)
+
+
+# How often the heartbeat asks the store whether it restarted (one cheap call).
+STORE_WATCH_S = 1.0
+
+
 class OrphanGuard:
     """Client side of launcher/supervise/orphan_guard.py: tells the guard process which groups to clear."""
 
@@ -86,6 +98,8 @@ class OrphanGuard:
             stdout=asyncio.subprocess.DEVNULL,
             # Its own session: a signal to the launcher's process group must not take the guard too.
             start_new_session=True,
+            # Only what a Python interpreter needs: the guard has no use for the launcher's keys.
+            env={k: v for k, v in os.environ.items() if k in GUARD_ENV_VARS},
         )
 
     @property
@@ -170,6 +184,11 @@ class Supervisor:
         self._processes: dict[str, BackendProcess] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
+        self.store_health = StoreHealth("launcher")
+        # While True, ready backends are published as "starting": `corral up` serves at once but
+        # sends no model call to a backend before its planned models are pulled and preloaded
+        # (the gateway queues them as "starting"). end_warming() publishes them ready.
+        self.warming = False
 
     @property
     def processes(self) -> list[BackendProcess]:
@@ -264,12 +283,17 @@ class Supervisor:
             planned_num_ctx=tuple(m.num_ctx for m in planned.models),
             store_id=self.store_id,
             default_num_ctx=context_length_env(proc.launch.env),
-            state=record_state(proc.state),
+            state=BackendState.STARTING if self.warming and proc.state == State.READY else record_state(proc.state),
             updated_at=time.time(),
             started_at=proc.started_at if proc.state == State.READY else 0.0,
             restarts=proc.restarts,
             last_error=proc.last_error,
         )
+
+    async def end_warming(self) -> None:
+        """Publish the ready backends as ready (see `warming`)."""
+        self.warming = False
+        await self._publish_all()
 
     def records(self) -> list[BackendRecord]:
         return [self.record(p) for p in self._processes.values()]
@@ -284,19 +308,51 @@ class Supervisor:
         await self.store.put_backend(self.record(proc), ttl_s=self.record_ttl_s)
 
     async def _changed(self, proc: BackendProcess, state: State) -> None:
-        await self.publish(proc)
+        try:
+            await self.publish(proc)
+        except Exception as e:  # the heartbeat publishes it once the store is back
+            self.store_health.failed(e)
         if state == State.READY and proc.restarts and self._on_restart_ready is not None:
             task = asyncio.create_task(self._on_restart_ready(proc))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
     async def _heartbeat_loop(self, ttl_s: float) -> None:
+        """Re-publish every record each ttl/3, and at once when the store comes back from an outage
+        or restarted empty (its generation changed): gateways keep a vanished record only for a
+        grace period, so the fleet must be back in the store well within it. One warning per
+        outage (StoreHealth), not one per record per beat."""
+        assert self.store is not None
+        beat_s = max(ttl_s / 3.0, 0.05)
+        tick_s = min(beat_s, STORE_WATCH_S)
+        generation: str | None = None
+        next_beat = time.monotonic() + beat_s
         while True:
-            await asyncio.sleep(max(ttl_s / 3.0, 0.05))
-            for proc in self._processes.values():
-                if proc.state == State.STOPPED:
-                    continue
-                try:
-                    await self.publish(proc)
-                except Exception:
-                    log.exception("<%s> heartbeat failed", proc.id)
+            await asyncio.sleep(tick_s)
+            try:
+                current = await self.store.generation()
+            except Exception as e:
+                reraise_if_cancelled()  # close() waits for this loop to end
+                self.store_health.failed(e)
+                continue
+            recovered = self.store_health.succeeded()
+            restarted = generation is not None and current != generation
+            generation = current
+            if not (recovered or restarted or time.monotonic() >= next_beat):
+                continue
+            next_beat = time.monotonic() + beat_s
+            if restarted:
+                log.info("state store restarted: re-publishing %d backend records", len(self._processes))
+            await self._publish_all()
+
+    async def _publish_all(self) -> None:
+        for proc in self._processes.values():
+            if proc.state == State.STOPPED:
+                continue
+            try:
+                await self.publish(proc)
+            except Exception as e:
+                reraise_if_cancelled()
+                self.store_health.failed(e)
+                return
+

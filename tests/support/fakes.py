@@ -52,6 +52,7 @@ class FakeOllama:
     load_duration_ns: int = 5_000_000  # 5 ms: warm
     fail_status: int | None = None  # answer model calls with this status
     fail_in_pieces: bool = False  # ...with the error body sent in two chunks, a moment apart
+    fail_message: str = ""  # ...with this error text (default: "<name> failing")
     inventory_fails: bool = False  # /api/tags answers 500 (the gateway never learns what is installed)
     die_after_chunks: int | None = None  # drop the connection after this many chunks
     hold: asyncio.Event | None = None  # streams wait on it after their first chunk
@@ -242,7 +243,7 @@ class FakeOllama:
         return response
 
     async def _fail(self, request: web.Request) -> web.StreamResponse:
-        body = json.dumps({"error": f"{self.name} failing"}).encode()
+        body = json.dumps({"error": self.fail_message or f"{self.name} failing"}).encode()
         if not self.fail_in_pieces:
             return web.json_response(body=body, status=self.fail_status)
         response = web.StreamResponse(status=self.fail_status or 500, headers={"Content-Type": "application/json"})
