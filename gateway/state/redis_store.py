@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 
@@ -95,6 +96,12 @@ class RedisStore:
         self._reserve = self._redis.register_script(_RESERVE_SCRIPT)
         self._refresh_slots = self._redis.register_script(_REFRESH_SCRIPT)
         self._held_slots: dict[str, str] = {}  # token -> its sorted set's key
+        # Releases Redis has not confirmed (token -> key). A lost ZREM would leave the slot taken,
+        # for every gateway, until the reservation's TTL: with one slot per copy, a whole fleet
+        # that looks busy. After a Redis restart every pooled connection fails its next command
+        # once, so this is routine, not rare. Retried before the next reservation and each refresh,
+        # until the reservation would have expired anyway (so an outage cannot grow this without end).
+        self._owed_releases: dict[str, tuple[str, float]] = {}  # token -> (key, monotonic deadline)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "corral:", owner_ttl_s: float = 30.0) -> RedisStore:
@@ -190,6 +197,8 @@ class RedisStore:
         interval_s = self._owner_ttl_ms / 3000
         while True:
             await asyncio.sleep(interval_s)
+            with contextlib.suppress(aioredis.RedisError, OSError):  # still owed: the next round
+                await self._settle_releases()
             try:
                 await self._redis.pexpire(self._inflight_key, self._owner_ttl_ms)
                 if self._held_slots:
@@ -248,9 +257,17 @@ class RedisStore:
         """One script call: a reservation that expires `owner_ttl_s` after this gateway stops
         refreshing it (the same refresher keeps the in-flight counters alive)."""
         self._ensure_refresher()
+        await self._settle_releases()  # a slot whose release was lost is free again first
         key = self._slots_key(backend_id, model)
         token = f"{self._owner}:{uuid.uuid4().hex[:12]}"
-        taken = await self._reserve(keys=[key], args=[slots, self._owner_ttl_ms, token])
+        try:
+            taken = await self._reserve(keys=[key], args=[slots, self._owner_ttl_ms, token])
+        except BaseException:
+            # The script may have run with its reply lost: nobody would release or refresh the
+            # reservation, so it is owed a release like any other (ZREM of a token never added is
+            # a no-op).
+            self._owe_release(token, key)
+            raise
         if not int(taken):
             return None
         self._held_slots[token] = key
@@ -258,7 +275,27 @@ class RedisStore:
 
     async def release_slot(self, backend_id: str, model: str, token: str) -> None:
         key = self._held_slots.pop(token, None) or self._slots_key(backend_id, model)
-        await self._redis.zrem(key, token)
+        self._owe_release(token, key)
+        await self._settle_releases()
+
+    def _owe_release(self, token: str, key: str) -> None:
+        self._owed_releases[token] = (key, time.monotonic() + self._owner_ttl_ms / 1000)
+
+    async def _settle_releases(self) -> None:
+        """Remove every reservation whose release is owed; those not confirmed stay owed."""
+        now = time.monotonic()
+        for token, (_, deadline) in list(self._owed_releases.items()):
+            if deadline < now:  # expired in Redis by now
+                del self._owed_releases[token]
+        if not self._owed_releases:
+            return
+        owed = list(self._owed_releases.items())
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for token, (key, _) in owed:
+                pipe.zrem(key, token)
+            await pipe.execute()
+        for token, _ in owed:
+            self._owed_releases.pop(token, None)
 
     async def close(self) -> None:
         if self._refresher is not None:
@@ -267,9 +304,10 @@ class RedisStore:
                 await self._refresher
         # Whatever this process counted or reserved is finished or abandoned with it.
         with contextlib.suppress(aioredis.RedisError, OSError):
-            for token, key in list(self._held_slots.items()):
-                await self._redis.zrem(key, token)
+            for token, key in self._held_slots.items():
+                self._owe_release(token, key)
             self._held_slots.clear()
+            await self._settle_releases()
             await self._redis.delete(self._inflight_key)
             await self._redis.srem(self._k("inflight_owners"), self._owner)
         await self._redis.aclose()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
 from gateway.api.auth import ApiKeys
 from gateway.appkeys import POOL
@@ -150,6 +151,25 @@ async def test_redis_killed_and_restarted_empty_under_load_fails_no_request(
 
 def store_up_again(caplog: pytest.LogCaptureFixture) -> bool:
     return any("state store reachable again" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_slot_whose_release_failed_is_free_for_the_next_request(own_redis: OwnRedis) -> None:
+    """After a Redis restart every pooled connection fails its next command once. A release lost
+    that way kept the copy's only slot taken until its TTL (30 s): with one slot per copy the whole
+    fleet looked busy and requests queued until they timed out."""
+    store = RedisStore.from_url(own_redis.url, prefix=f"corral-test-{os.getpid()}-{time.monotonic_ns()}:")
+    killer = aioredis.from_url(own_redis.url)
+    try:
+        token = await store.reserve_slot("g0", "llama3.1:8b", 1)
+        assert token
+        # Close the store's pooled connection from the server side, as a restart does.
+        await killer.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        with pytest.raises(Exception):  # noqa: B017 - whichever error redis-py raises for it
+            await store.release_slot("g0", "llama3.1:8b", token)
+        assert await store.reserve_slot("g0", "llama3.1:8b", 1)  # the slot is free again
+    finally:
+        await killer.aclose()
+        await store.close()
 
 
 # -- a hung backend ------------------------------------------------------------------------------
