@@ -183,7 +183,9 @@ async def test_page_shows_the_rig_live(tmp_path: Path, browser: Browser) -> None
         phone = await browser.new_page(viewport={"width": 390, "height": 844}, color_scheme="dark")
         phone_console = Console(phone)
         await phone.goto(url + "/corral/")
-        await phone.wait_for_selector(resident)
+        # The backend's card, not the model's residency: the chats above may have made the router
+        # move llama3.1:8b since (the desktop page already showed it resident within 2 s).
+        await phone.wait_for_selector(f'[data-backend="{served_by}"] tr[data-model]')
         phone_shot = tmp_path / "fleet-page-phone-dark.png"
         await phone.screenshot(path=str(phone_shot), full_page=True)
         keep_screenshot(phone_shot)
