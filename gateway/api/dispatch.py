@@ -230,7 +230,7 @@ async def _send(
         raise AttemptFailed(backend_id, "backend no longer registered")
     expected_s = decision.expected_ttft_s
     if not call.stream:  # the first byte of a whole answer comes after its decode
-        expected_s += answer_decode_s(pool.snapshot(), backend_id, call.model, call.num_predict or 0)
+        expected_s += answer_decode_s(pool.observed(backend_id, call.model), call.num_predict or 0)
     bounds = upstream_timeouts(app[appkeys.SETTINGS], expected_s)
     extra_headers: dict[str, str] = {}
     if decision.num_ctx is not None and call.options.num_ctx is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.config import GatewaySettings
-from gateway.routing.snapshot import Snapshot
+from gateway.routing.snapshot import ObservedStats
 
 # The decode length of a non-streamed answer without num_predict (cost.CostSettings.output_tokens).
 TYPICAL_ANSWER_TOKENS = 256
@@ -31,16 +31,13 @@ class UpstreamTimeouts:
     idle_s: float
 
 
-def answer_decode_s(snapshot: Snapshot, backend_id: str, model: str, num_predict: int) -> float:
-    """Expected decode time of a whole answer on this backend; 0 when no rate was observed."""
-    for view in snapshot.backends:
-        if view.id == backend_id:
-            observed = view.observed.get(model)
-            if observed is None or observed.tokens_per_s <= 0:
-                return 0.0
-            tokens = num_predict if num_predict > 0 else TYPICAL_ANSWER_TOKENS
-            return tokens / observed.tokens_per_s
-    return 0.0
+def answer_decode_s(observed: ObservedStats | None, num_predict: int) -> float:
+    """Expected decode time of a whole answer at the rate observed on its backend; 0 when no rate
+    was observed."""
+    if observed is None or observed.tokens_per_s <= 0:
+        return 0.0
+    tokens = num_predict if num_predict > 0 else TYPICAL_ANSWER_TOKENS
+    return tokens / observed.tokens_per_s
 
 
 def upstream_timeouts(settings: GatewaySettings, expected_s: float) -> UpstreamTimeouts:

@@ -36,7 +36,7 @@ from gateway.fleet.live import (
 )
 from gateway.fleet.work import Change, Listener, Work
 from gateway.record import BackendRecord
-from gateway.routing.snapshot import BackendView, LoadOptions, ModelFacts, ResidentModel, Snapshot
+from gateway.routing.snapshot import BackendView, LoadOptions, ModelFacts, ObservedStats, ResidentModel, Snapshot
 
 __all__ = ["BackendPool", "LiveBackend", "RecordChanges", "ReplyFacts", "parse_timestamp", "row_model_name"]
 
@@ -99,6 +99,11 @@ class BackendPool:
         """The backend's last /api/tags rows (copies)."""
         live = self._backends.get(backend_id)
         return [dict(t) for t in live.tags] if live is not None else []
+
+    def observed(self, backend_id: str, model: str) -> ObservedStats | None:
+        """What this gateway observed of `model` on `backend_id` (rates, lengths), without a snapshot."""
+        live = self._backends.get(backend_id)
+        return None if live is None else live.observed.get(model)
 
     def health(self, backend_id: str) -> dict[str, Any]:
         """Health bookkeeping for status pages."""
