@@ -24,46 +24,7 @@ from launcher.models.store import (
     MEDIA_TYPE_TEMPLATE,
     digest_of,
 )
-from launcher.sim.templates import template_with_capabilities
-
-# Chat templates in Ollama's Go template language. They are our own short ones; what matters to
-# clients is which variables they use (.Tools -> the "tools" capability, .Suffix -> "insert").
-_TEMPLATE_TOOLS_HEADER = """{{- if or .System .Tools }}<|system|>
-{{ if .System }}{{ .System }}{{ end }}
-{{- if .Tools }}
-Tools you may call:
-{{- range .Tools }}
-{{ . }}
-{{- end }}
-{{- end }}<|end|>
-{{ end }}"""
-
-_TEMPLATE_TOOLS_BODY = """{{- range .Messages }}<|{{ .Role }}|>
-{{- if .ToolCalls }}
-{{ range .ToolCalls }}{"name": "{{ .Function.Name }}", "arguments": {{ .Function.Arguments }}}{{ end }}
-{{- else }}
-{{ .Content }}
-{{- end }}<|end|>
-{{ end }}<|assistant|>
-"""
-
-_TEMPLATE_CHAT = """{{- if .System }}<|system|>
-{{ .System }}<|end|>
-{{ end }}
-{{- range .Messages }}<|{{ .Role }}|>
-{{ .Content }}<|end|>
-{{ end }}<|assistant|>
-"""
-
-_TEMPLATE_INSERT = (
-    """{{- if .Suffix }}<|prefix|>{{ .Prompt }}<|suffix|>{{ .Suffix }}<|middle|>
-{{- else }}"""
-    + _TEMPLATE_TOOLS_HEADER
-    + _TEMPLATE_TOOLS_BODY
-    + "{{- end }}"
-)
-
-_TEMPLATE_PROMPT = "{{ .Prompt }}"
+from launcher.sim.templates import template_for
 
 _STOPS: dict[str, list[str]] = {
     "llama": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
@@ -92,18 +53,6 @@ _LICENSES: dict[str, str] = {
     "phi3": "MIT License" + _STAND_IN,
     "deepseek2": "MIT License" + _STAND_IN,
 }
-
-
-def template_for(spec: ModelSpec) -> str:
-    if spec.capabilities is not None:
-        return template_with_capabilities(spec)
-    if spec.embedding_only:
-        return _TEMPLATE_PROMPT
-    if spec.family == "qwen2":
-        return _TEMPLATE_INSERT
-    if spec.family.startswith("gemma"):
-        return _TEMPLATE_CHAT
-    return _TEMPLATE_TOOLS_HEADER + _TEMPLATE_TOOLS_BODY
 
 
 def config_for(spec: ModelSpec) -> dict[str, object]:

@@ -76,3 +76,31 @@ def template_with_capabilities(spec: ModelSpec) -> str:
         chat = body if "tools" in caps else "{{ .Prompt }}"
         return _FIM + chat + "{{- end }}"
     return body
+
+
+# Catalog entries that predate capability lists: the template follows the family, as before.
+_CHAT = _SYSTEM + """
+{{- range .Messages }}<|{{ .Role }}|>
+{{ .Content }}<|end|>
+{{ end }}<|assistant|>
+"""
+_INSERT = (
+    """{{- if .Suffix }}<|prefix|>{{ .Prompt }}<|suffix|>{{ .Suffix }}<|middle|>
+{{- else }}"""
+    + _SYSTEM_TOOLS
+    + _MESSAGES
+    + "{{- end }}"
+)
+
+
+def template_for(spec: ModelSpec) -> str:
+    """The Go template a simulated pull installs for a catalog model."""
+    if spec.capabilities is not None:
+        return template_with_capabilities(spec)
+    if spec.embedding_only:
+        return "{{ .Prompt }}"
+    if spec.family == "qwen2":
+        return _INSERT
+    if spec.family.startswith("gemma"):
+        return _CHAT
+    return _SYSTEM_TOOLS + _MESSAGES
