@@ -5,8 +5,9 @@ are merged over the fleet, management calls act once per model store. Unknown pa
 methods answer like Ollama's gin router (`404 page not found`, `405 method not allowed`, text).
 
 Resources live in cleanup contexts, one each, started in this order and stopped in reverse: the
-metrics collector, the static backend records, the ClientSession, then the poller (which needs the
-session and does a first full round of health checks and polls before the app serves).
+metrics collector, the static backend records, the ClientSession and the lean upstream client
+(gateway/api/upstream.py), then the poller (which needs the session and does a first full round of
+health checks and polls before the app serves).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from gateway.api.limits import limits_middleware
 from gateway.api.page.serve import add_routes as add_page_routes
 from gateway.api.ready import StartupGate
 from gateway.api.status import ready, status
+from gateway.api.upstream import UpstreamPool
 from gateway.config import GatewaySettings, StaticBackend
 from gateway.fleet.inflight import InFlight
 from gateway.fleet.poller import Poller
@@ -190,7 +192,11 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False
     )
     app[appkeys.SESSION] = session
+    # Model calls (the hot path) go over the lean client; everything else over the session.
+    upstream = UpstreamPool()
+    app[appkeys.UPSTREAM] = upstream
     yield
+    await upstream.close()
     await session.close()
 
 

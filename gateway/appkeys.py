@@ -14,6 +14,7 @@ from gateway.api.admission import WaitQueues
 from gateway.api.auth import ApiKeys
 from gateway.api.lifecycle import RequestTracker
 from gateway.api.ready import StartupGate
+from gateway.api.upstream import UpstreamPool
 from gateway.config import GatewaySettings
 from gateway.fleet.inflight import InFlight
 from gateway.fleet.poller import Poller
@@ -40,5 +41,6 @@ ACTIVITY = web.AppKey("corral_activity", Activity)  # recent decisions and traff
 LISTEN = web.AppKey("corral_listen", str)  # the address actually served (for /api/corral/status)
 # Set while the app runs (cleanup contexts):
 SESSION = web.AppKey("corral_session", aiohttp.ClientSession)
+UPSTREAM = web.AppKey("corral_upstream", UpstreamPool)  # the lean client for model calls
 POLLER = web.AppKey("corral_poller", Poller)
 IN_FLIGHT = web.AppKey("corral_in_flight", InFlight)

@@ -268,6 +268,7 @@ async def _send(
                     extra_headers=extra_headers,
                     first_byte_timeout_s=bounds.first_byte_s,
                     idle_timeout_s=bounds.idle_s,
+                    pool=app[appkeys.UPSTREAM],
                 )
             except AttemptFailed as e:
                 if e.connection_failed and pool.mark_failure(backend_id, e.message):

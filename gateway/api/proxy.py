@@ -20,7 +20,9 @@ import logging
 import time
 from collections.abc import AsyncIterable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from functools import lru_cache
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -35,6 +37,7 @@ from gateway.api.errors import (
     ndjson_error_line,
     sse_error_event,
 )
+from gateway.api.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +120,45 @@ class ClientGone(Exception):
         self.response = response
 
 
+class Reply(Protocol):
+    """A backend's reply whose status and headers arrived: `gateway.api.upstream`'s, or aiohttp's
+    (through `_SessionReply`) for what the lean client does not carry (TLS, streamed uploads)."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def reason(self) -> str | None: ...
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+
+    @property
+    def content_length(self) -> int | None: ...
+
+    async def readany(self, idle_timeout_s: float | None = None) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class _SessionReply:
+    __slots__ = ("_response", "content_length", "headers", "reason", "status")
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status = response.status
+        self.reason = response.reason
+        self.headers = response.headers
+        self.content_length = response.content_length
+
+    async def readany(self, idle_timeout_s: float | None = None) -> bytes:
+        async with asyncio.timeout(idle_timeout_s):
+            return await self._response.content.readany()
+
+    def close(self) -> None:
+        self._response.close()
+
+
 @dataclass
 class Outcome:
     """How one forwarded request ended (the reply has been sent in full, or cut)."""
@@ -176,7 +218,7 @@ def upstream_headers(request: web.Request) -> CIMultiDict[str]:
     return headers
 
 
-def reply_headers(upstream: aiohttp.ClientResponse, backend_id: str) -> CIMultiDict[str]:
+def reply_headers(upstream: Reply, backend_id: str) -> CIMultiDict[str]:
     drop = DROP_RESPONSE_HEADERS | connection_tokens(upstream.headers)
     headers = CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in drop)
     headers[BACKEND_HEADER] = backend_id
@@ -199,6 +241,16 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+@lru_cache(maxsize=256)
+def _endpoint(base_url: str) -> tuple[str, int, str] | None:
+    """(host, port, path prefix) of a plain-http backend URL; None for one the lean client does not
+    speak (https)."""
+    parts = urlsplit(base_url)
+    if parts.scheme != "http" or not parts.hostname:
+        return None
+    return parts.hostname, parts.port or 80, parts.path.rstrip("/")
+
+
 async def forward(
     request: web.Request,
     session: aiohttp.ClientSession,
@@ -213,6 +265,7 @@ async def forward(
     extra_headers: Mapping[str, str] | None = None,
     first_byte_timeout_s: float | None = None,
     idle_timeout_s: float | None = None,
+    pool: UpstreamPool | None = None,
 ) -> Outcome:
     """Send `request` (with `body`) to the backend and stream the reply to the client.
 
@@ -223,26 +276,29 @@ async def forward(
     between two chunks). None: no bound (gateway/api/timeouts.py explains the bounds).
     `on_tokens` is called with the count of NDJSON lines or SSE events in each streamed chunk
     relayed (about one token each: what the router's wait model reads); `extra_headers` are added
-    to the reply."""
-    url = base_url.rstrip("/") + (path if path is not None else request.path_qs)
-    if isinstance(body, bytes) and len(body) > LARGE_BODY_BYTES:
-        # aiohttp writes a large bytes body in one go (and warns); a file-like one goes in chunks.
-        body = io.BytesIO(body)
-    # No total timeout: a generation may stream for many minutes, and the first byte may wait for
-    # a model load. Only connecting is bounded.
-    timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_connect=connect_timeout_s)
+    to the reply. With `pool`, a bytes body to a plain-http backend goes over the lean client
+    (gateway/api/upstream.py); anything else over `session`."""
+    target = path if path is not None else request.path_qs
     loop = asyncio.get_running_loop()
     first_byte_by = None if first_byte_timeout_s is None else loop.time() + first_byte_timeout_s
+    endpoint = _endpoint(base_url) if pool is not None and (body is None or isinstance(body, bytes)) else None
+    upstream: Reply
     try:
         async with asyncio.timeout_at(first_byte_by):
-            upstream = await session.request(
-                request.method,
-                url,
-                data=body,
-                headers=upstream_headers(request),
-                timeout=timeout,
-                allow_redirects=False,
-            )
+            if endpoint is not None and pool is not None:
+                host, port, prefix = endpoint
+                upstream = await pool.request(
+                    request.method,
+                    host,
+                    port,
+                    prefix + target,
+                    upstream_headers(request).items(),
+                    body if isinstance(body, bytes) else b"",
+                    connect_timeout_s=connect_timeout_s,
+                )
+            else:
+                reply = await _session_request(request, session, base_url, target, body, connect_timeout_s)
+                upstream = _SessionReply(reply)
     except asyncio.CancelledError:
         raise
     except TimeoutError as e:
@@ -261,6 +317,30 @@ async def forward(
         upstream.close()
 
 
+async def _session_request(
+    request: web.Request,
+    session: aiohttp.ClientSession,
+    base_url: str,
+    target: str,
+    body: bytes | io.BytesIO | AsyncIterable[bytes] | None,
+    connect_timeout_s: float,
+) -> aiohttp.ClientResponse:
+    if isinstance(body, bytes) and len(body) > LARGE_BODY_BYTES:
+        # aiohttp writes a large bytes body in one go (and warns); a file-like one goes in chunks.
+        body = io.BytesIO(body)
+    # No total timeout: a generation may stream for many minutes, and the first byte may wait for
+    # a model load. Only connecting is bounded.
+    timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_connect=connect_timeout_s)
+    return await session.request(
+        request.method,
+        base_url.rstrip("/") + target,
+        data=body,
+        headers=upstream_headers(request),
+        timeout=timeout,
+        allow_redirects=False,
+    )
+
+
 def _token_counter(sse: bool, on_tokens: Callable[[int], None] | None) -> Callable[[bytes], None]:
     """Counts stream events per chunk: SSE events end with a blank line, NDJSON objects with one
     newline. A separator split across two chunks is missed at worst once: a count, not a parse."""
@@ -273,7 +353,7 @@ def _token_counter(sse: bool, on_tokens: Callable[[int], None] | None) -> Callab
 
 async def _relay(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
+    upstream: Reply,
     backend_id: str,
     started_at: float,
     first_byte_by: float | None,
@@ -288,7 +368,7 @@ async def _relay(
         raise AttemptFailed(backend_id, f"HTTP {upstream.status}: {error_text(held_body, upstream.status)}", held)
     try:
         async with asyncio.timeout_at(first_byte_by):
-            first = await upstream.content.readany()
+            first = await upstream.readany()
     except TimeoutError as e:
         raise AttemptFailed(backend_id, "no first byte in time (hung?)") from e
     except CONNECT_ERRORS as e:
@@ -327,8 +407,7 @@ async def _relay(
     while chunk:
         try:
             # The idle bound is per read: a relay that only moves bytes keeps it as it is.
-            async with asyncio.timeout(idle_timeout_s):
-                chunk = await upstream.content.readany()
+            chunk = await upstream.readany(idle_timeout_s)
         except TimeoutError:
             midstream_error = f"backend {backend_id} sent nothing for {idle_timeout_s:g}s mid-stream (hung?)"
             log.warning("<%s> %s %s: %s", backend_id, request.method, request.path, midstream_error)
@@ -359,16 +438,16 @@ async def _relay(
     return Outcome(response, upstream.status, first_byte_s, final, midstream_error)
 
 
-async def _read_held_body(upstream: aiohttp.ClientResponse) -> bytes:
+async def _read_held_body(upstream: Reply) -> bytes:
     """The error reply's body, whole (up to HELD_BODY_LIMIT_BYTES) however many chunks it came in;
     what arrived before a failure to read on."""
     body = bytearray()
     try:
         while len(body) < HELD_BODY_LIMIT_BYTES:
-            chunk = await upstream.content.read(HELD_BODY_LIMIT_BYTES - len(body))
+            chunk = await upstream.readany()
             if not chunk:
                 break
             body += chunk
     except CONNECT_ERRORS:
         pass
-    return bytes(body)
+    return bytes(body[:HELD_BODY_LIMIT_BYTES])

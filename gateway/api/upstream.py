@@ -142,17 +142,22 @@ class _Connection(asyncio.Protocol):
         await self._headers_done
         return CIMultiDictProxy(CIMultiDict(self._header_list))
 
-    async def readany(self) -> bytes:
+    async def readany(self, idle_timeout_s: float | None = None) -> bytes:
         while not self._chunks:
             if self.complete:
                 return b""
             if self.error is not None:
                 raise self.error
-            self._waiter = self._loop.create_future()
+            waiter = self._waiter = self._loop.create_future()
+            # A timer only when there is something to wait for: a stream whose chunks are already
+            # here (the common case under load) costs no timer per read.
+            timer = None if idle_timeout_s is None else self._loop.call_later(idle_timeout_s, _expire, waiter)
             try:
-                await self._waiter
+                await waiter
             finally:
                 self._waiter = None
+                if timer is not None:
+                    timer.cancel()
         data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
         self._buffered = 0
@@ -170,6 +175,11 @@ class _Connection(asyncio.Protocol):
         self.closed = True
 
 
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class UpstreamResponse:
     """A backend's reply: status and headers are here; the body is read with `readany()`."""
 
@@ -184,9 +194,10 @@ class UpstreamResponse:
         self.content_length = int(length) if length is not None and length.isdigit() else None
         self._released = False
 
-    async def readany(self) -> bytes:
-        """The body bytes that arrived since the last call (waiting for some), b"" at the end."""
-        return await self._conn.readany()
+    async def readany(self, idle_timeout_s: float | None = None) -> bytes:
+        """The body bytes that arrived since the last call (waiting for some), b"" at the end.
+        TimeoutError when nothing came for `idle_timeout_s` (None: no bound)."""
+        return await self._conn.readany(idle_timeout_s)
 
     async def read(self, limit: int) -> bytes:
         """Up to `limit` bytes of the body (less at its end)."""
