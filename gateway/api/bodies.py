@@ -49,10 +49,14 @@ async def read_raw(request: web.Request, limit: int, read_timeout_s: float) -> b
     if announced_too_large(request, limit):
         raise too_large(limit)
     body = bytearray()
+    content = request.content
     while True:
         try:
-            async with asyncio.timeout(read_timeout_s):
-                chunk = await request.content.readany()
+            if content.is_eof():  # the rest is already here (a small body usually is): no timer
+                chunk = content.read_nowait()
+            else:
+                async with asyncio.timeout(read_timeout_s):
+                    chunk = await content.readany()
         except TimeoutError:
             raise BadRequest(408, f"request body not received within {read_timeout_s:g}s") from None
         except (RequestPayloadError, ContentEncodingError):  # aiohttp could not inflate it

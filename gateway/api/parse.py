@@ -80,14 +80,23 @@ def parse_body(body: bytes) -> dict[str, Any]:
     return value
 
 
+_TEXT_KEYS = ("content", "text", "input", "prompt", "system")
+
+
 def _text_size(value: object) -> int:
+    """UTF-8 bytes of the text in a prompt, messages list or content parts (images not counted)."""
     if isinstance(value, str):
-        return len(value.encode())
+        return len(value) if value.isascii() else len(value.encode())
+    total = 0
     if isinstance(value, list):
-        return sum(_text_size(v) for v in value)
-    if isinstance(value, Mapping):
-        return sum(_text_size(value.get(k)) for k in ("content", "text", "input", "prompt", "system"))
-    return 0
+        for item in value:
+            total += _text_size(item)
+    elif isinstance(value, Mapping):
+        for key in _TEXT_KEYS:
+            item = value.get(key)
+            if item is not None:
+                total += _text_size(item)
+    return total
 
 
 def _is_unload(kind: RequestKind, data: Mapping[str, Any]) -> bool:
@@ -98,6 +107,9 @@ def _is_unload(kind: RequestKind, data: Mapping[str, Any]) -> bool:
     if kind == "chat":
         return not data.get("messages")
     return False
+
+
+_PROMPT_KEYS = ("prompt", "messages", "input", "system", "suffix")
 
 
 def parse_model_call(path: str, body: bytes, path_model: str | None = None) -> ModelCall:
@@ -124,7 +136,11 @@ def parse_model_call(path: str, body: bytes, path_model: str | None = None) -> M
     stream_value = data.get("stream")
     default_stream = kind in ("generate", "chat") and not openai
     stream = default_stream if stream_value is None else bool(stream_value)
-    prompt_bytes = sum(_text_size(data.get(k)) for k in ("prompt", "messages", "input", "system", "suffix"))
+    prompt_bytes = 0
+    for key in _PROMPT_KEYS:
+        part = data.get(key)
+        if part is not None:
+            prompt_bytes += _text_size(part)
     return ModelCall(
         model=normalize_name(raw_model),
         requested_as=raw_model,

@@ -17,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from types import TracebackType
 
 from gateway.fleet.pool import BackendPool
 from gateway.fleet.work import Work
 from gateway.state.health import StoreHealth
+from gateway.state.memory import MemoryStore
 from gateway.state.store import StateStore
 
 log = logging.getLogger(__name__)
@@ -42,9 +44,12 @@ class InFlight:
         self._health = store_health or StoreHealth("gateway")
         self._pool = pool
         self._pending: set[asyncio.Task[None]] = set()
+        # The in-process store's calls never suspend: counting there needs no task, no shield and no
+        # bound on the wait (a cancellation cannot land inside a call that does not await). Exactly
+        # MemoryStore: a subclass may override a call with one that waits.
+        self._inline = type(store) is MemoryStore
 
-    @asynccontextmanager
-    async def hold(
+    def hold(
         self,
         backend_id: str,
         model: str,
@@ -53,11 +58,20 @@ class InFlight:
         stream: bool = True,
         interactive: bool = True,
         slots: int = 0,
-    ) -> AsyncIterator[Work]:
+    ) -> AbstractAsyncContextManager[Work]:
         """Count one request for the duration of the block; the `Work` it yields takes the proxy's
         token counts. Call it right after the decision, with no await in between, so that
         concurrent decisions see each other. With `slots` > 0 one of the copy's slots is reserved
         in the store first (exact across gateways); SlotTaken when none is left."""
+        if self._inline and slots <= 0:
+            work = self._pool.begin(backend_id, model, num_predict=num_predict, stream=stream, interactive=interactive)
+            return _InlineHold(self, work)
+        return self._hold(backend_id, model, num_predict, stream, interactive, slots)
+
+    @asynccontextmanager
+    async def _hold(
+        self, backend_id: str, model: str, num_predict: int | None, stream: bool, interactive: bool, slots: int
+    ) -> AsyncIterator[Work]:
         work = self._pool.begin(backend_id, model, num_predict=num_predict, stream=stream, interactive=interactive)
         token: str | None = None
         if slots > 0:
@@ -125,6 +139,9 @@ class InFlight:
         await asyncio.wait([incr])
         if incr.cancelled() or incr.exception() is not None or not incr.result():
             return  # never counted there: a decrement would eat another request's count
+        await self._decr(backend_id, model)
+
+    async def _decr(self, backend_id: str, model: str) -> None:
         try:
             await self._store.decr_in_flight(backend_id, model)
         except Exception as e:
@@ -140,3 +157,31 @@ class InFlight:
 
 async def _done(token: str) -> str:
     return token
+
+
+class _InlineHold:
+    """`InFlight.hold` over the in-process store: the same counts, without a task per request."""
+
+    __slots__ = ("_counted", "_in_flight", "_work")
+
+    def __init__(self, in_flight: InFlight, work: Work) -> None:
+        self._in_flight = in_flight
+        self._work = work
+        self._counted = False
+
+    async def __aenter__(self) -> Work:
+        work = self._work
+        try:
+            self._counted = await self._in_flight._incr(work.backend_id, work.model)
+        except BaseException:
+            self._in_flight._pool.end(work)
+            raise
+        return work
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        work = self._work
+        self._in_flight._pool.end(work)
+        if self._counted:
+            await self._in_flight._decr(work.backend_id, work.model)

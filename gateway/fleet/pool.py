@@ -34,7 +34,7 @@ from gateway.fleet.live import (
     row_model_name,
     version_key,
 )
-from gateway.fleet.work import Change, Listener, Work
+from gateway.fleet.work import Change, Listener, Work, WorkItems
 from gateway.record import BackendRecord
 from gateway.routing.snapshot import BackendView, LoadOptions, ModelFacts, ObservedStats, ResidentModel, Snapshot
 
@@ -430,7 +430,7 @@ class BackendPool:
                     default_num_ctx=live.record.default_num_ctx,
                     last_used=dict(live.last_used),
                     last_interactive=dict(live.last_interactive),
-                    work={m: tuple(w.item(now, self._backend_s_per_s) for w in items) for m, items in work.items()},
+                    work=WorkItems(work, now, self._backend_s_per_s) if work else {},
                     version=live.version,
                 )
             )

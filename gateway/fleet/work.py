@@ -3,12 +3,13 @@
 A `Work` is one request sent to a backend and not finished: its expected answer length (its
 num_predict, else the model's typical one), the tokens relayed so far (the proxy counts NDJSON lines
 or SSE events as they pass) and when it started. The pool turns them into the snapshot's immutable
-`WorkItem`s. Only the pool creates and ends them.
+`WorkItem`s (`WorkItems`, itemised only when the wait model reads them). Only the pool creates and
+ends them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -90,3 +91,32 @@ class Work:
             stream=self.stream,
             num_predict_known=self.num_predict_known,
         )
+
+
+class WorkItems(Mapping[str, tuple[WorkItem, ...]]):
+    """One backend's requests in flight, per model, as a snapshot's `BackendView.work`.
+
+    Which requests are in flight is fixed when the snapshot is taken; each model's `WorkItem`s are
+    made on first read, at the snapshot's `now`. Why lazily: the wait model reads them only when
+    every slot of a copy is busy, and itemising every request in flight for every decision was the
+    largest part of building a snapshot under load."""
+
+    __slots__ = ("_items", "_now", "_rate", "_work")
+
+    def __init__(self, work: Mapping[str, list[Work]], now: float, backend_s_per_s: float) -> None:
+        self._work = {model: tuple(items) for model, items in work.items()}
+        self._items: dict[str, tuple[WorkItem, ...]] = {}
+        self._now = now
+        self._rate = backend_s_per_s
+
+    def __getitem__(self, model: str) -> tuple[WorkItem, ...]:
+        items = self._items.get(model)
+        if items is None:
+            items = self._items[model] = tuple(w.item(self._now, self._rate) for w in self._work[model])
+        return items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._work)
+
+    def __len__(self) -> int:
+        return len(self._work)

@@ -24,6 +24,8 @@ LOAD_OPTION_KEYS: tuple[str, ...] = (
     "draft_num_predict",
 )
 
+_LOAD_OPTION_SET = frozenset(LOAD_OPTION_KEYS)
+
 
 @dataclass(frozen=True)
 class LoadOptions:
@@ -44,7 +46,7 @@ class LoadOptions:
         if not options:
             return cls()
         values: dict[str, object] = {}
-        for key in LOAD_OPTION_KEYS:
+        for key in _LOAD_OPTION_SET.intersection(options):
             v = options.get(key)
             if key == "use_mmap":
                 if isinstance(v, bool):
