@@ -42,11 +42,13 @@ def gateway_process(
     api_keys: Sequence[str] = (),
     name: str = "gateway",
     gateway_lines: Sequence[str] = (),
+    root: Path = ROOT,
 ) -> Iterator[str]:
     """`corral gateway` in its own process over `backends` (URLs, 64 slots each) and any backend
     tables in `extra_lines`, with more `[gateway]` keys from `gateway_lines`, requiring one of
     `api_keys` when given; yields its URL once its first polls have landed. `name` names its
-    config, log and pid files in `workdir`."""
+    config, log and pid files in `workdir`. `root`: the checkout whose gateway runs (another
+    commit's, for a before/after comparison in one run)."""
     port = free_port()
     config = workdir / f"{name}.toml"
     lines = ["[gateway]", f'listen = "127.0.0.1:{port}"', f'policy = "{policy}"', f"queue_size = {queue_size}"]
@@ -63,7 +65,7 @@ def gateway_process(
         env["CORRAL_API_KEYS"] = ",".join(api_keys)
     proc = subprocess.Popen(
         [sys.executable, "-m", "launcher.commands.cli", "gateway", "--config", str(config)],
-        cwd=ROOT,
+        cwd=root,
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -12,6 +12,8 @@ so that machine noise hits them alike:
   gateway, asyncio loop  the first on the standard asyncio loop (when uvloop is installed, the
            gateway runs on it by default: this path shows what it brings)
   nginx    nginx round-robin over both backends (when the `nginx` binary is installed)
+  gateway @REF  with `--compare REF`: the gateway of another commit (a git worktree of REF), for a
+           before/after ratio measured in the same run
 Scenarios: small non-streamed /api/chat at concurrency 1, 16 and 64; 64 concurrent streams of 200
 chunks. Reported: requests/s (chunks/s for streams), p50/p99 latency, the ratios to direct, and the
 proxy's own CPU time per request (per chunk for streams), read from /proc for its processes.
@@ -196,6 +198,18 @@ def round_robin(urls: list[str]) -> Callable[[], str]:
 
 
 @contextlib.contextmanager
+def worktree(ref: str, where: Path) -> Iterator[Path]:
+    """A detached git worktree of `ref` at `where`, removed afterwards."""
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(where), ref], check=True, stdout=subprocess.DEVNULL
+    )
+    try:
+        yield where
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(where)], check=False)
+
+
+@contextlib.contextmanager
 def nginx_process(workdir: Path, backends: list[str]) -> Iterator[tuple[str, int] | None]:
     binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if binary is None:
@@ -282,7 +296,9 @@ def render(table: dict[str, dict[str, dict[str, float]]]) -> str:
     ]
     for scenario, paths in table.items():
         direct = paths.get("direct")
-        for path in ("direct", "gateway", "gateway+auth", "gateway, asyncio loop", "nginx"):
+        order = ["direct", "gateway", "gateway+auth", "gateway, asyncio loop"]
+        order += [*sorted(p for p in paths if p.startswith("gateway @")), "nginx"]
+        for path in order:
             row = paths.get(path)
             if row is None:
                 continue
@@ -331,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--waves", type=int, default=2, help="waves of 64 streams per run")
     parser.add_argument("--speed", type=float, default=100000.0, help="the simulated backends' time factor")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overhead.json")
+    parser.add_argument(
+        "--compare", metavar="REF", help="also run the gateway of git commit REF (e.g. HEAD~3) beside this one"
+    )
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
@@ -365,6 +384,12 @@ def main(argv: list[str] | None = None) -> int:
                     gateway_process(workdir, backends, name="gateway-asyncio", gateway_lines=['event_loop = "asyncio"'])
                 )
             nginx = stack.enter_context(nginx_process(workdir, backends))
+            compare_url = None
+            if args.compare:
+                checkout = stack.enter_context(worktree(args.compare, workdir / "compare"))
+                compare_url = stack.enter_context(
+                    gateway_process(workdir, backends, name="gateway-compare", root=checkout)
+                )
 
             def pid_of(name: str) -> list[int]:
                 return [int((workdir / f"{name}.pid").read_text())]
@@ -374,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                 "gateway": ProxyPath(lambda: gateway_url, pid_of("gateway")),
                 "gateway+auth": ProxyPath(lambda: auth_url, pid_of("gateway-auth")),
             }
+            if compare_url is not None:
+                paths[f"gateway @{args.compare}"] = ProxyPath(lambda: compare_url, pid_of("gateway-compare"))
             if asyncio_url is not None:
                 paths["gateway, asyncio loop"] = ProxyPath(lambda: asyncio_url, pid_of("gateway-asyncio"))
             if nginx is not None:
