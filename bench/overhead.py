@@ -9,8 +9,6 @@ so that machine noise hits them alike:
            the zero-overhead baseline)
   gateway  `corral gateway` (its own process) over both backends, policy `residency`, metrics on
   gateway+auth  the same with API keys required (every request carries `Authorization: Bearer`)
-  gateway, asyncio loop  the first on the standard asyncio loop (when uvloop is installed, the
-           gateway runs on it by default: this path shows what it brings)
   nginx    nginx round-robin over both backends (when the `nginx` binary is installed)
   gateway @REF  with `--compare REF`: the gateway of another commit (a git worktree of REF), for a
            before/after ratio measured in the same run
@@ -46,7 +44,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import free_port, gateway_process, stop, wait_http  # noqa: E402 - the repo root must be importable first
-from gateway.loop import uvloop_available  # noqa: E402
 from launcher.sim.harness import SimServer  # noqa: E402
 
 MODEL = "qwen2.5:0.5b"
@@ -296,7 +293,7 @@ def render(table: dict[str, dict[str, dict[str, float]]]) -> str:
     ]
     for scenario, paths in table.items():
         direct = paths.get("direct")
-        order = ["direct", "gateway", "gateway+auth", "gateway, asyncio loop"]
+        order = ["direct", "gateway", "gateway+auth"]
         order += [*sorted(p for p in paths if p.startswith("gateway @")), "nginx"]
         for path in order:
             row = paths.get(path)
@@ -377,12 +374,6 @@ def main(argv: list[str] | None = None) -> int:
             backends = [s.url for s in sims]
             gateway_url = stack.enter_context(gateway_process(workdir, backends))
             auth_url = stack.enter_context(gateway_process(workdir, backends, api_keys=[API_KEY], name="gateway-auth"))
-            # With uvloop installed the gateway runs on it ("auto"); the standard loop beside it.
-            asyncio_url = None
-            if uvloop_available():
-                asyncio_url = stack.enter_context(
-                    gateway_process(workdir, backends, name="gateway-asyncio", gateway_lines=['event_loop = "asyncio"'])
-                )
             nginx = stack.enter_context(nginx_process(workdir, backends))
             compare_url = None
             if args.compare:
@@ -401,8 +392,6 @@ def main(argv: list[str] | None = None) -> int:
             }
             if compare_url is not None:
                 paths[f"gateway @{args.compare}"] = ProxyPath(lambda: compare_url, pid_of("gateway-compare"))
-            if asyncio_url is not None:
-                paths["gateway, asyncio loop"] = ProxyPath(lambda: asyncio_url, pid_of("gateway-asyncio"))
             if nginx is not None:
                 nginx_url, nginx_pid = nginx
                 paths["nginx"] = ProxyPath(lambda: nginx_url, [nginx_pid])

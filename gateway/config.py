@@ -122,8 +122,6 @@ class GatewaySettings:
     # Browser origins allowed besides Ollama's own list (localhost, app://, file://, ...); "*" = any.
     cors_origins: tuple[str, ...] = ()
     state: Literal["memory", "redis"] = "memory"
-    # "auto": uvloop when installed (pip install 'corral[fast]'), else the standard asyncio loop.
-    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     redis_url: str = field(default="redis://127.0.0.1:6379/0", metadata={"check": _check_redis_url})
     # HTTPS on the gateway's own listener: PEM certificate chain and private key (both or neither).
     # A gateway on a reachable address carries API keys in every request; the alternative is a TLS

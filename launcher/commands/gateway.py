@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import GatewaySettings, gateway_settings_from
-from gateway.loop import run as run_loop
 from gateway.routing.policy import POLICY_NAMES
 from gateway.server import GatewayServer
 from gateway.state.store import StateStore, StoreUnreachable, open_checked_store
@@ -116,8 +115,4 @@ async def _main(settings: GatewaySettings) -> int:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    try:
-        return run_loop(_main(settings), settings.event_loop)
-    except RuntimeError as e:  # uvloop asked for and not installed
-        print(f"corral: {e}", file=sys.stderr)
-        return 2
+    return asyncio.run(_main(settings))
