@@ -95,8 +95,10 @@ def _model_label(request: web.Request, model: str) -> str:
     return model if model and request.app[appkeys.POOL].knows_model(model) else "other"
 
 
-def _count(request: web.Request, model: str, backend_id: str, status: int) -> None:
-    request.app[appkeys.METRICS].requests.labels(_model_label(request, model), backend_id or "none", str(status)).inc()
+def _count(request: web.Request, model: str, backend_id: str, status: int, label: str | None = None) -> None:
+    """Count the answer; `label`: the model's label when the caller has it already."""
+    label = _model_label(request, model) if label is None else label
+    request.app[appkeys.METRICS].requests.labels(label, backend_id or "none", str(status)).inc()
 
 
 def _decide(request: web.Request, route: RouteRequest, ticket: Ticket | None = None) -> Decision:
@@ -329,7 +331,7 @@ def _learn(
     pool = app[appkeys.POOL]
     elapsed_s = time.monotonic() - started_at
     label = _model_label(request, call.model)
-    _count(request, call.model, backend_id, outcome.status)
+    _count(request, call.model, backend_id, outcome.status, label)
     metrics.request_duration.labels(label, backend_id).observe(elapsed_s)
     if outcome.first_byte_s is not None:
         metrics.ttft.labels(label, backend_id).observe(outcome.first_byte_s)

@@ -385,8 +385,10 @@ async def _relay(
         held = HeldResponse(backend_id, upstream.status, CIMultiDict(upstream.headers), held_body)
         raise AttemptFailed(backend_id, f"HTTP {upstream.status}: {error_text(held_body, upstream.status)}", held)
     try:
-        async with asyncio.timeout_at(first_byte_by):
-            first = await upstream.readany()
+        # The rest of the first-byte bound; the lean client arms a timer only if it must wait (the
+        # first bytes of a reply usually come with its headers).
+        left_s = None if first_byte_by is None else first_byte_by - asyncio.get_running_loop().time()
+        first = await upstream.readany(left_s)
     except TimeoutError as e:
         raise AttemptFailed(backend_id, "no first byte in time (hung?)") from e
     except CONNECT_ERRORS as e:

@@ -88,7 +88,10 @@ class LiveBackend:
     last_used: dict[str, float] = field(default_factory=dict)  # model -> epoch seconds of the last request
     last_interactive: dict[str, float] = field(default_factory=dict)  # the same, interactive lane only
 
-    def merged_resident(self) -> dict[str, ResidentModel]:
+    def merged_resident(self) -> Mapping[str, ResidentModel]:
+        """The models loaded here, by name: the last poll's, plus loads seen since (read-only)."""
+        if not self.seen_resident:
+            return self.resident  # no copy: callers only read it
         merged = dict(self.resident)
         for name, (model, _) in self.seen_resident.items():
             merged.setdefault(name, model)

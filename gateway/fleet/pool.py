@@ -358,7 +358,7 @@ class BackendPool:
 
     def is_resident(self, backend_id: str, model: str) -> bool:
         live = self._backends.get(backend_id)
-        return live is not None and model in live.merged_resident()
+        return live is not None and (model in live.resident or model in live.seen_resident)
 
     def start_loading(self, backend_id: str, model: str) -> None:
         live = self._backends.get(backend_id)
