@@ -136,6 +136,10 @@ class Supervisor:
                 print(f"corral gateway: {e}; stopping the other workers", file=sys.stderr)
                 code = 1
                 stop.set()
+            except OSError as e:  # not even started (no fork, no interpreter)
+                print(f"corral gateway: cannot start a worker: {e}; stopping the others", file=sys.stderr)
+                code = 1
+                stop.set()
         return code
 
     def _indexes(self) -> range:
