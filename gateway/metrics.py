@@ -10,6 +10,7 @@ last read from the store (`StoreWatch`); a scrape never does I/O.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from typing import Generic, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -133,6 +134,28 @@ def offload_ratio(size_bytes: int, size_vram_bytes: int) -> float:
     return min(max((size_bytes - size_vram_bytes) / size_bytes, 0.0), 1.0)
 
 
+M = TypeVar("M", Counter, Histogram)
+
+
+class Labelled(Generic[M]):
+    """A labelled metric whose children are found in a dict after their first use.
+
+    Why: prometheus_client's `labels()` checks its arguments and takes the metric's lock on every
+    call, several times per request on the hot path, for children that never go away (nothing
+    here removes a label set)."""
+
+    __slots__ = ("_children", "metric")
+
+    def __init__(self, metric: M) -> None:
+        self.metric: M = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def labels(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
+
 
 class Metrics:
     """Every metric the gateway exports, registered in `self.registry`."""
@@ -140,66 +163,101 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            "corral_requests",
-            "requests answered, by model, backend and status",
-            ["model", "backend", "status"],
-            registry=r,
+        self.requests = Labelled(
+            Counter(
+                "corral_requests",
+                "requests answered, by model, backend and status",
+                ["model", "backend", "status"],
+                registry=r,
+            )
         )
-        self.request_duration = Histogram(
-            "corral_request_duration_seconds",
-            "time from request arrival to the last byte sent",
-            ["model", "backend"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
+        self.request_duration = Labelled(
+            Histogram(
+                "corral_request_duration_seconds",
+                "time from request arrival to the last byte sent",
+                ["model", "backend"],
+                buckets=LATENCY_BUCKETS_S,
+                registry=r,
+            )
         )
-        self.ttft = Histogram(
-            "corral_time_to_first_token_seconds",
-            "time from request arrival to the first byte of the reply body",
-            ["model", "backend"],
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
+        self.ttft = Labelled(
+            Histogram(
+                "corral_time_to_first_token_seconds",
+                "time from request arrival to the first byte of the reply body",
+                ["model", "backend"],
+                buckets=LATENCY_BUCKETS_S,
+                registry=r,
+            )
         )
-        self.decode_rate = Histogram(
-            "corral_decode_tokens_per_second",
-            "decode rate reported in final chunks (eval_count / eval_duration)",
-            ["model", "backend"],
-            buckets=TOKENS_PER_S_BUCKETS,
-            registry=r,
+        self.decode_rate = Labelled(
+            Histogram(
+                "corral_decode_tokens_per_second",
+                "decode rate reported in final chunks (eval_count / eval_duration)",
+                ["model", "backend"],
+                buckets=TOKENS_PER_S_BUCKETS,
+                registry=r,
+            )
         )
-        self.decisions = Counter(
-            "corral_routing_decisions", "routing decisions by outcome and reason", ["decision", "reason"], registry=r
+        self.decisions = Labelled(
+            Counter(
+                "corral_routing_decisions",
+                "routing decisions by outcome and reason",
+                ["decision", "reason"],
+                registry=r,
+            )
         )
-        self.cold_loads = Counter(
-            "corral_cold_loads", "replies whose load_duration shows a model load", ["model", "backend"], registry=r
+        self.cold_loads = Labelled(
+            Counter(
+                "corral_cold_loads", "replies whose load_duration shows a model load", ["model", "backend"], registry=r
+            )
         )
-        self.retries = Counter("corral_retries", "requests sent again to another backend", ["model"], registry=r)
-        self.failovers = Counter(
-            "corral_failovers", "attempts that failed before the first byte, by failed backend", ["backend"], registry=r
+        self.retries = Labelled(
+            Counter("corral_retries", "requests sent again to another backend", ["model"], registry=r)
         )
-        self.ejections = Counter(
-            "corral_ejections", "backends taken out of rotation after repeated failures", ["backend"], registry=r
+        self.failovers = Labelled(
+            Counter(
+                "corral_failovers",
+                "attempts that failed before the first byte, by failed backend",
+                ["backend"],
+                registry=r,
+            )
         )
-        self.midstream_failures = Counter(
-            "corral_midstream_failures",
-            "streams cut because the backend failed after the first byte",
-            ["backend"],
-            registry=r,
+        self.ejections = Labelled(
+            Counter(
+                "corral_ejections", "backends taken out of rotation after repeated failures", ["backend"], registry=r
+            )
         )
-        self.queue_rejections = Counter(
-            "corral_queue_rejections", "requests refused with 503 at the gateway queue", ["model", "reason"], registry=r
+        self.midstream_failures = Labelled(
+            Counter(
+                "corral_midstream_failures",
+                "streams cut because the backend failed after the first byte",
+                ["backend"],
+                registry=r,
+            )
         )
-        self.planned_evictions = Counter(
-            "corral_planned_evictions",
-            "sends that evict the only copy of a planned model because nothing else can serve the request",
-            ["model", "backend"],
-            registry=r,
+        self.queue_rejections = Labelled(
+            Counter(
+                "corral_queue_rejections",
+                "requests refused with 503 at the gateway queue",
+                ["model", "reason"],
+                registry=r,
+            )
         )
-        self.context_fits = Counter(
-            "corral_context_fits",
-            'requests served at the loaded context instead of a larger num_ctx (context_policy "fit")',
-            ["model"],
-            registry=r,
+        self.planned_evictions = Labelled(
+            Counter(
+                "corral_planned_evictions",
+                "sends that evict the only copy of a planned model because nothing else can serve the request",
+                ["model", "backend"],
+                registry=r,
+            )
+        )
+        self.context_fits = Labelled(
+            Counter(
+                "corral_context_fits",
+                'requests served at the loaded context instead of a larger num_ctx (context_policy "fit")',
+                ["model"],
+                registry=r,
+            )
         )
 
     def attach_fleet(self, collector: FleetCollector) -> None:

@@ -1,10 +1,11 @@
 """What this gateway saw lately: the last routing decisions and per-model traffic over a short window.
 
 For the live views (`corral top`, the page at /corral/), not for routing. Recording is an append to
-a bounded deque, cheap enough for every request; the numbers are computed only when the status
-document is asked for. Everything is bounded: the decision ring, the samples per model, and the
-number of models (a client cannot grow it with made-up names: the dispatcher passes "other" for a
-model no backend has, as it does for metric labels).
+a bounded deque, cheap enough for every request (decisions are kept as they came); the documents
+and numbers are computed only when the status document is asked for. Everything is bounded: the
+decision ring, the samples per model, and the number of models (a client cannot grow it with
+made-up names: the dispatcher passes "other" for a model no backend has, as it does for metric
+labels).
 """
 
 from __future__ import annotations
@@ -55,30 +56,12 @@ class Activity:
         self.window_s = window_s
         self._clock = clock
         self._started_at = clock()
-        self._decisions: deque[DecisionDoc] = deque(maxlen=decisions_kept)
+        self._decisions: deque[tuple[float, str, Decision]] = deque(maxlen=decisions_kept)
         self._samples: OrderedDict[str, deque[Sample]] = OrderedDict()
 
     def decided(self, model: str, decision: Decision) -> None:
-        kind: DecisionKind
-        backend = ""
-        expected: float | None = None
-        if isinstance(decision, Send):
-            kind, backend, expected = "send", decision.backend_id, round(decision.expected_ttft_s, 3)
-        elif isinstance(decision, Wait):
-            kind, expected = "wait", decision.expected_wait_s
-        else:
-            assert isinstance(decision, Reject)
-            kind = "reject"
-        self._decisions.append(
-            DecisionDoc(
-                at=self._clock(),
-                model=model[:NAME_LIMIT],
-                decision=kind,
-                reason=decision.reason,
-                backend=backend,
-                expected_ttft_s=expected,
-            )
-        )
+        # Kept as it came: the document is made only when a live view asks (`decisions`).
+        self._decisions.append((self._clock(), model, decision))
 
     def finished(
         self, model: str, status: int, ttft_s: float | None, final: Mapping[str, Any] | None, failed: bool = False
@@ -103,7 +86,7 @@ class Activity:
 
     def decisions(self) -> list[DecisionDoc]:
         """Newest first."""
-        return list(reversed(self._decisions))
+        return [_decision_doc(at, model, decision) for at, model, decision in reversed(self._decisions)]
 
     def model_stats(
         self, in_flight: Mapping[str, int] | None = None, queued: Mapping[str, int] | None = None
@@ -138,3 +121,24 @@ class Activity:
                 )
             )
         return rows
+
+
+def _decision_doc(at: float, model: str, decision: Decision) -> DecisionDoc:
+    kind: DecisionKind
+    backend = ""
+    expected: float | None = None
+    if isinstance(decision, Send):
+        kind, backend, expected = "send", decision.backend_id, round(decision.expected_ttft_s, 3)
+    elif isinstance(decision, Wait):
+        kind, expected = "wait", decision.expected_wait_s
+    else:
+        assert isinstance(decision, Reject)
+        kind = "reject"
+    return DecisionDoc(
+        at=at,
+        model=model[:NAME_LIMIT],
+        decision=kind,
+        reason=decision.reason,
+        backend=backend,
+        expected_ttft_s=expected,
+    )

@@ -105,7 +105,9 @@ def _decide(request: web.Request, route: RouteRequest, ticket: Ticket | None = N
     app = request.app
     queues = app[appkeys.QUEUES]
     ahead = ticket.position if ticket is not None else queues.ahead(route.model, route.priority)
-    decision = choose(replace(route, ahead=ahead), app[appkeys.POOL].snapshot(), app[appkeys.POLICY])
+    if ahead != route.ahead:
+        route = replace(route, ahead=ahead)
+    decision = choose(route, app[appkeys.POOL].snapshot(), app[appkeys.POLICY])
     if isinstance(decision, Reject) and decision.status in (404, 503) and app[appkeys.STARTUP].active:
         # `corral up` is still starting backends and pulling models: not an answer yet.
         decision = Wait("starting", note="the launcher is still starting its backends")

@@ -182,8 +182,12 @@ class FinalChunkTap:
             del self._tail[: len(self._tail) - TAIL_LIMIT_BYTES]
 
     def final(self) -> dict[str, Any] | None:
-        for line in reversed(bytes(self._tail).split(b"\n")):
-            line = line.strip()
+        tail = self._tail
+        end = len(tail)
+        while end > 0:  # the last non-blank line, found from the end without splitting it all
+            start = tail.rfind(b"\n", 0, end) + 1
+            line = bytes(tail[start:end]).strip()
+            end = start - 1
             if not line:
                 continue
             try:
@@ -202,20 +206,34 @@ def connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     return tokens
 
 
-def upstream_headers(request: web.Request) -> CIMultiDict[str]:
-    drop = DROP_REQUEST_HEADERS | connection_tokens(request.headers)
-    if request.get(BODY_DECODED):  # the body goes on decoded: its old encoding no longer applies
-        drop |= {"content-encoding"}
-    headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in drop)
-    forwarded_for = request.headers.get("X-Forwarded-For")
-    remote = request.remote or ""
-    headers["X-Forwarded-For"] = f"{forwarded_for}, {remote}" if forwarded_for else remote
-    headers["X-Forwarded-Host"] = request.host
-    headers["X-Forwarded-Proto"] = request.scheme
+# The client's own forwarding headers are replaced (X-Forwarded-For extended), not passed on.
+_DROP = DROP_REQUEST_HEADERS | {"x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"}
+_DROP_WITH_ID = _DROP | {REQUEST_ID_HEADER.lower()}
+
+
+def upstream_header_items(request: web.Request) -> list[tuple[str, str]]:
+    """The headers to send the backend, in order: the client's less the hop-by-hop and dropped
+    ones, then X-Forwarded-For/-Host/-Proto and the request id (set here, replacing the client's)."""
+    headers = request.headers
     request_id = request_id_of(request)
+    drop = _DROP_WITH_ID if request_id else _DROP
+    if "Connection" in headers:
+        drop = drop | connection_tokens(headers)
+    if request.get(BODY_DECODED):  # the body goes on decoded: its old encoding no longer applies
+        drop = drop | {"content-encoding"}
+    items = [(k, v) for k, v in headers.items() if k.lower() not in drop]
+    forwarded_for = headers.get("X-Forwarded-For")
+    remote = request.remote or ""
+    items.append(("X-Forwarded-For", f"{forwarded_for}, {remote}" if forwarded_for else remote))
+    items.append(("X-Forwarded-Host", request.host))
+    items.append(("X-Forwarded-Proto", request.scheme))
     if request_id:  # the same id in the backend's logs as in the client's and ours
-        headers[REQUEST_ID_HEADER] = request_id
-    return headers
+        items.append((REQUEST_ID_HEADER, request_id))
+    return items
+
+
+def upstream_headers(request: web.Request) -> CIMultiDict[str]:
+    return CIMultiDict(upstream_header_items(request))
 
 
 def reply_headers(upstream: Reply, backend_id: str) -> CIMultiDict[str]:
@@ -292,7 +310,7 @@ async def forward(
                     host,
                     port,
                     prefix + target,
-                    upstream_headers(request).items(),
+                    upstream_header_items(request),
                     body if isinstance(body, bytes) else b"",
                     connect_timeout_s=connect_timeout_s,
                 )
