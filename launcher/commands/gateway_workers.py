@@ -289,6 +289,17 @@ async def _announce(supervisor: Supervisor, settings: GatewaySettings, port: int
         )
 
 
+def workers_warning(settings: GatewaySettings) -> str | None:
+    """The line `corral up` prints when `[gateway] workers` asks for more than one process: the
+    same config file may serve `corral gateway` elsewhere, so it is not refused."""
+    if settings.workers <= 1:
+        return None
+    return (
+        f"warning: [gateway] workers = {settings.workers} applies to `corral gateway` only; "
+        "corral up runs one gateway, in its own process"
+    )
+
+
 def run_workers(settings: GatewaySettings, verbosity: int) -> int:
     """`corral gateway` with settings.workers > 1: the supervisor. ConfigError before anything
     starts; 1 when the store, the address or a worker's first start fails."""

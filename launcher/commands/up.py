@@ -112,21 +112,12 @@ def with_base_port(cfg: CorralConfig, base_port: int | None) -> CorralConfig:
     return replace(cfg, launcher=replace(cfg.launcher, base_port=base_port))
 
 
-def workers_warning(settings: GatewaySettings) -> str | None:
-    """The line `corral up` prints when `[gateway] workers` asks for more than one process: the
-    same config file may serve `corral gateway` elsewhere, so it is not refused."""
-    if settings.workers <= 1:
-        return None
-    return (
-        f"warning: [gateway] workers = {settings.workers} applies to `corral gateway` only; "
-        "corral up runs one gateway, in its own process"
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = with_base_port(load_config(args.config), args.base_port)
     check_env_overrides(cfg.launcher)
     opts = options_from(args, cfg)
+    from launcher.commands.gateway_workers import workers_warning  # lazily, like gateway.server
+
     if warning := workers_warning(cfg.gateway):
         print(f"corral up: {warning}", file=sys.stderr)
     return asyncio.run(_up(cfg, opts, ProgressPrinter(sys.stdout)))

@@ -22,8 +22,7 @@ import aiohttp
 import pytest
 
 from gateway.config import GatewaySettings
-from launcher.commands.gateway_workers import Supervisor
-from launcher.commands.up import workers_warning
+from launcher.commands.gateway_workers import Supervisor, workers_warning
 from tests.support.fakes import FakeOllama, MakeFake, wait_for
 from tests.support.redisproc import RedisProcess
 
@@ -197,9 +196,13 @@ async def test_workers_share_one_port_and_each_answers_as_itself(
         assert all(doc["listen"] == url.removeprefix("http://") for doc in docs.values())
         for label in ("1/2", "2/2"):
             await gw.line(rf"gateway worker {label} listening on {re.escape(url)}")
-        async with aiohttp.ClientSession() as http, http.post(url + "/api/generate", json=GENERATE) as resp:
-            assert resp.status == 200
-            assert resp.headers["X-Corral-Backend"] == fake.url.removeprefix("http://")
+        async with aiohttp.ClientSession() as http:
+            async with http.post(url + "/api/generate", json=GENERATE) as resp:
+                assert resp.status == 200
+                assert resp.headers["X-Corral-Backend"] == fake.url.removeprefix("http://")
+            async with http.get(url + "/metrics") as resp:  # one worker's own registry
+                info = re.findall(r'^corral_gateway_worker_info\{worker="(\d/2)"\} 1\.0$', await resp.text(), re.M)
+            assert len(info) == 1 and info[0] in docs
         assert await gw.stop() == 0
 
 
