@@ -41,13 +41,18 @@ def gateway_process(
     extra_lines: Sequence[str] = (),
     api_keys: Sequence[str] = (),
     name: str = "gateway",
+    gateway_lines: Sequence[str] = (),
+    root: Path = ROOT,
 ) -> Iterator[str]:
     """`corral gateway` in its own process over `backends` (URLs, 64 slots each) and any backend
-    tables in `extra_lines`, requiring one of `api_keys` when given; yields its URL once its first
-    polls have landed. `name` names its config and log files in `workdir`."""
+    tables in `extra_lines`, with more `[gateway]` keys from `gateway_lines`, requiring one of
+    `api_keys` when given; yields its URL once its first polls have landed. `name` names its
+    config, log and pid files in `workdir`. `root`: the checkout whose gateway runs (another
+    commit's, for a before/after comparison in one run)."""
     port = free_port()
     config = workdir / f"{name}.toml"
     lines = ["[gateway]", f'listen = "127.0.0.1:{port}"', f'policy = "{policy}"', f"queue_size = {queue_size}"]
+    lines += gateway_lines
     for url in backends:
         lines += ["[[gateway.backends]]", f'url = "{url}"', "num_parallel = 64"]
     lines += extra_lines
@@ -60,12 +65,13 @@ def gateway_process(
         env["CORRAL_API_KEYS"] = ",".join(api_keys)
     proc = subprocess.Popen(
         [sys.executable, "-m", "launcher.commands.cli", "gateway", "--config", str(config)],
-        cwd=ROOT,
+        cwd=root,
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    (workdir / f"{name}.pid").write_text(str(proc.pid))  # for benchmarks that read its CPU time
     try:
         # The ready signal (not "it listens"): at least one backend healthy and ready. The gateway
         # does its first health checks and polls before it listens, so routing already sees what

@@ -9,11 +9,17 @@ so that machine noise hits them alike:
            the zero-overhead baseline)
   gateway  `corral gateway` (its own process) over both backends, policy `residency`, metrics on
   gateway+auth  the same with API keys required (every request carries `Authorization: Bearer`)
+  gateway, asyncio loop  the first on the standard asyncio loop (when uvloop is installed, the
+           gateway runs on it by default: this path shows what it brings)
   nginx    nginx round-robin over both backends (when the `nginx` binary is installed)
+  gateway @REF  with `--compare REF`: the gateway of another commit (a git worktree of REF), for a
+           before/after ratio measured in the same run
 Scenarios: small non-streamed /api/chat at concurrency 1, 16 and 64; 64 concurrent streams of 200
-chunks. Reported: requests/s (chunks/s for streams), p50/p99 latency, and the ratios to direct.
+chunks. Reported: requests/s (chunks/s for streams), p50/p99 latency, the ratios to direct, and the
+proxy's own CPU time per request (per chunk for streams), read from /proc for its processes.
 Everything runs on this one machine, load generator included, so absolute numbers are the
-machine's; the ratios are the result.
+machine's; the ratios are the result. The CPU time is the steadiest figure on a busy machine: it
+is what one hop costs whatever else runs beside it.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import free_port, gateway_process, stop, wait_http  # noqa: E402 - the repo root must be importable first
+from gateway.loop import uvloop_available  # noqa: E402
 from launcher.sim.harness import SimServer  # noqa: E402
 
 MODEL = "qwen2.5:0.5b"
@@ -71,6 +78,13 @@ class RunResult:
     latencies_s: list[float] = field(repr=False)
     chunks: int = 0
     ttft_s: list[float] = field(default_factory=list, repr=False)
+    cpu_s: float | None = None  # CPU seconds the proxy's processes used during the run
+
+    @property
+    def cpu_us_per_unit(self) -> float | None:
+        """Proxy CPU microseconds per request (per chunk for streams)."""
+        units = self.chunks or self.requests
+        return None if self.cpu_s is None or not units else self.cpu_s / units * 1e6
 
     @property
     def rps(self) -> float:
@@ -144,6 +158,31 @@ async def run_streams(path: str, next_url: Callable[[], str], streams: int, wave
     return RunResult(path, f"stream x{streams}", streams * waves, errors, wall, latencies, chunks, ttfts)
 
 
+def process_cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds of `pids` and their children (nginx's workers), from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    wanted = set(pids)
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
+        pid, ppid = int(stat.parent.name), int(fields[1])
+        if pid in wanted or ppid in wanted:
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
+@dataclass
+class ProxyPath:
+    """One way to the backends: where each request goes, and the processes doing the proxying."""
+
+    pick: Callable[[], str]
+    pids: list[int] = field(default_factory=list)
+
+
 def round_robin(urls: list[str]) -> Callable[[], str]:
     state = {"i": 0}
 
@@ -159,7 +198,19 @@ def round_robin(urls: list[str]) -> Callable[[], str]:
 
 
 @contextlib.contextmanager
-def nginx_process(workdir: Path, backends: list[str]) -> Iterator[str | None]:
+def worktree(ref: str, where: Path) -> Iterator[Path]:
+    """A detached git worktree of `ref` at `where`, removed afterwards."""
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(where), ref], check=True, stdout=subprocess.DEVNULL
+    )
+    try:
+        yield where
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(where)], check=False)
+
+
+@contextlib.contextmanager
+def nginx_process(workdir: Path, backends: list[str]) -> Iterator[tuple[str, int] | None]:
     binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if binary is None:
         yield None
@@ -206,7 +257,7 @@ http {{
         proc = subprocess.Popen([binary, "-p", str(prefix), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         wait_http(f"http://127.0.0.1:{port}/", log=prefix / "error.log")
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", proc.pid
     finally:
         stop(proc, signal.SIGQUIT, timeout_s=10)  # SIGQUIT: nginx's graceful shutdown
 
@@ -227,6 +278,9 @@ def summarize(results: list[RunResult]) -> dict[str, dict[str, dict[str, float]]
             "errors": float(sum(r.errors for r in runs)),
             "rounds": float(len(runs)),
         }
+        cpu = [c for c in (r.cpu_us_per_unit for r in runs) if c is not None]
+        if cpu:
+            row["cpu_us"] = statistics.median(cpu)
         if runs[0].chunks:
             row["chunks_per_s"] = statistics.median(r.chunks_per_s for r in runs)
             row["ttft_p50_ms"] = statistics.median(r.pct(0.5, r.ttft_s) for r in runs) * 1000
@@ -236,12 +290,15 @@ def summarize(results: list[RunResult]) -> dict[str, dict[str, dict[str, float]]
 
 def render(table: dict[str, dict[str, dict[str, float]]]) -> str:
     lines = [
-        "| scenario | path | req/s | chunks/s | p50 ms | p99 ms | vs direct (rate) | p50 added ms | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| scenario | path | req/s | chunks/s | p50 ms | p99 ms | vs direct (rate) | p50 added ms "
+        "| proxy CPU µs | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for scenario, paths in table.items():
         direct = paths.get("direct")
-        for path in ("direct", "gateway", "gateway+auth", "nginx"):
+        order = ["direct", "gateway", "gateway+auth", "gateway, asyncio loop"]
+        order += [*sorted(p for p in paths if p.startswith("gateway @")), "nginx"]
+        for path in order:
             row = paths.get(path)
             if row is None:
                 continue
@@ -249,26 +306,36 @@ def render(table: dict[str, dict[str, dict[str, float]]]) -> str:
             ratio = row[rate_key] / direct[rate_key] if direct else float("nan")
             added = row["p50_ms"] - direct["p50_ms"] if direct else float("nan")
             chunks = f"{row['chunks_per_s']:.0f}" if "chunks_per_s" in row else "-"
+            cpu = f"{row['cpu_us']:.0f}" if "cpu_us" in row else "-"
             lines.append(
                 f"| {scenario} | {path} | {row['rps']:.0f} | {chunks} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} "
-                f"| {ratio:.2f}x | {added:+.2f} | {row['errors']:.0f} |"
+                f"| {ratio:.2f}x | {added:+.2f} | {cpu} | {row['errors']:.0f} |"
             )
     return "\n".join(lines)
 
 
-async def measure(paths: dict[str, Callable[[], str]], args: argparse.Namespace) -> list[RunResult]:
+async def measure(paths: dict[str, ProxyPath], args: argparse.Namespace) -> list[RunResult]:
     results: list[RunResult] = []
     # Warm every path (connections, the gateway's first polls, nginx's upstream keepalive).
-    for name, pick in paths.items():
-        await run_small(name, "warmup", pick, 16, 300)
+    for name, path in paths.items():
+        await run_small(name, "warmup", path.pick, 16, 300)
+
+    async def timed(path: ProxyPath, run: Awaitable[RunResult]) -> RunResult:
+        before = process_cpu_s(path.pids) if path.pids else None
+        result = await run
+        if before is not None:
+            result.cpu_s = process_cpu_s(path.pids) - before
+        return result
+
     for round_no in range(args.rounds):
-        for name, pick in paths.items():
+        for name, path in paths.items():
             # c=1 shows the hop's own latency on an idle machine; c=16 and c=64 load it.
-            results.append(await run_small(name, "chat c=1", pick, 1, max(args.requests // 4, 100)))
+            requests = max(args.requests // 4, 100)
+            results.append(await timed(path, run_small(name, "chat c=1", path.pick, 1, requests)))
             for concurrency in (16, 64):
-                r = await run_small(name, f"chat c={concurrency}", pick, concurrency, args.requests)
-                results.append(r)
-            results.append(await run_streams(name, pick, 64, args.waves))
+                run = run_small(name, f"chat c={concurrency}", path.pick, concurrency, args.requests)
+                results.append(await timed(path, run))
+            results.append(await timed(path, run_streams(name, path.pick, 64, args.waves)))
         print(f"round {round_no + 1}/{args.rounds} done", file=sys.stderr)
     return results
 
@@ -280,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--waves", type=int, default=2, help="waves of 64 streams per run")
     parser.add_argument("--speed", type=float, default=100000.0, help="the simulated backends' time factor")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overhead.json")
+    parser.add_argument(
+        "--compare", metavar="REF", help="also run the gateway of git commit REF (e.g. HEAD~3) beside this one"
+    )
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
@@ -307,14 +377,35 @@ def main(argv: list[str] | None = None) -> int:
             backends = [s.url for s in sims]
             gateway_url = stack.enter_context(gateway_process(workdir, backends))
             auth_url = stack.enter_context(gateway_process(workdir, backends, api_keys=[API_KEY], name="gateway-auth"))
-            nginx_url = stack.enter_context(nginx_process(workdir, backends))
-            paths: dict[str, Callable[[], str]] = {
-                "direct": round_robin(backends),
-                "gateway": lambda: gateway_url,
-                "gateway+auth": lambda: auth_url,
+            # With uvloop installed the gateway runs on it ("auto"); the standard loop beside it.
+            asyncio_url = None
+            if uvloop_available():
+                asyncio_url = stack.enter_context(
+                    gateway_process(workdir, backends, name="gateway-asyncio", gateway_lines=['event_loop = "asyncio"'])
+                )
+            nginx = stack.enter_context(nginx_process(workdir, backends))
+            compare_url = None
+            if args.compare:
+                checkout = stack.enter_context(worktree(args.compare, workdir / "compare"))
+                compare_url = stack.enter_context(
+                    gateway_process(workdir, backends, name="gateway-compare", root=checkout)
+                )
+
+            def pid_of(name: str) -> list[int]:
+                return [int((workdir / f"{name}.pid").read_text())]
+
+            paths: dict[str, ProxyPath] = {
+                "direct": ProxyPath(round_robin(backends)),
+                "gateway": ProxyPath(lambda: gateway_url, pid_of("gateway")),
+                "gateway+auth": ProxyPath(lambda: auth_url, pid_of("gateway-auth")),
             }
-            if nginx_url:
-                paths["nginx"] = lambda: nginx_url
+            if compare_url is not None:
+                paths[f"gateway @{args.compare}"] = ProxyPath(lambda: compare_url, pid_of("gateway-compare"))
+            if asyncio_url is not None:
+                paths["gateway, asyncio loop"] = ProxyPath(lambda: asyncio_url, pid_of("gateway-asyncio"))
+            if nginx is not None:
+                nginx_url, nginx_pid = nginx
+                paths["nginx"] = ProxyPath(lambda: nginx_url, [nginx_pid])
             else:
                 print("nginx not installed: measuring direct and gateway only", file=sys.stderr)
             results = asyncio.run(measure(paths, args))

@@ -25,17 +25,16 @@ from prometheus_client import Gauge
 
 from gateway import appkeys
 from gateway.api import fleetwide as fleet
-from gateway.api.accesslog import access_middleware, stamp_reply
+from gateway.api.accesslog import stamp_reply
 from gateway.api.activity import Activity
 from gateway.api.admission import WaitQueues
-from gateway.api.auth import ApiKeys, auth_middleware, load_keys
+from gateway.api.auth import ApiKeys, load_keys
 from gateway.api.capacity import capacity
-from gateway.api.cors import OriginPolicy, add_cors_headers, cors_middleware
+from gateway.api.cors import OriginPolicy, add_cors_headers
 from gateway.api.dispatch import handle_model_call
-from gateway.api.errors import error_for, method_not_allowed_page, not_found_page
-from gateway.api.hosts import hosts_middleware
+from gateway.api.front import front_middleware
+from gateway.api.hosts import HostCheck
 from gateway.api.lifecycle import RequestTracker
-from gateway.api.limits import limits_middleware
 from gateway.api.page.serve import add_routes as add_page_routes
 from gateway.api.ready import StartupGate
 from gateway.api.status import ready, status
@@ -83,25 +82,11 @@ def static_record(backend: StaticBackend) -> BackendRecord:
     )
 
 
-@web.middleware
-async def ollama_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Unknown path, wrong method, oversized body and unexpected failures, answered like Ollama."""
-    try:
-        return await handler(request)
-    except web.HTTPNotFound:
-        return not_found_page()
-    except web.HTTPMethodNotAllowed as e:
-        return method_not_allowed_page(e.allowed_methods)
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.app[appkeys.SETTINGS].max_body_bytes
-        return error_for(request, 413, f"request body too large: the limit is {limit} bytes")
-    except web.HTTPException:
-        raise
-    except (asyncio.CancelledError, ConnectionError):
-        raise
-    except Exception as e:
-        log.exception("%s %s failed", request.method, request.path)
-        return error_for(request, 500, f"internal gateway error: {type(e).__name__}: {e}")
+async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Headers every reply gets as it is prepared (streams inside their handler): the request id,
+    the moment its first byte left, and the CORS headers of an allowed browser origin."""
+    stamp_reply(request, response)
+    add_cors_headers(request, response)
 
 
 def _routes(app: web.Application) -> None:
@@ -243,21 +228,12 @@ def create_app(
     keys = keys if keys is not None else load_keys(settings, os.environ)
     tracker = RequestTracker()
     listen = listen or settings.listen
-    host_check = hosts_middleware(listen.rpartition(":")[0].strip("[]"), settings.allowed_hosts)
+    hosts = HostCheck.for_listen(listen.rpartition(":")[0].strip("[]"), settings.allowed_hosts)
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[
-            access_middleware(settings.access_log),
-            limits_middleware(settings),
-            tracker.middleware(),
-            ollama_errors,
-            *([host_check] if host_check is not None else []),
-            cors_middleware(OriginPolicy(settings.cors_origins)),
-            auth_middleware(keys),
-        ],
+        middlewares=[front_middleware(settings, tracker, keys, hosts, OriginPolicy(settings.cors_origins))],
     )
-    app.on_response_prepare.append(add_cors_headers)
-    app.on_response_prepare.append(stamp_reply)
+    app.on_response_prepare.append(_on_prepare)
     # The re-check is a safety net: pool changes and finished requests already wake waiters.
     queues = WaitQueues(settings.queue_size, recheck_s=settings.poll_interval_s)
     app[appkeys.SETTINGS] = settings

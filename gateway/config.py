@@ -129,6 +129,8 @@ class GatewaySettings:
     # `corral gateway` only: gateway processes sharing the listen address (SO_REUSEPORT). Above 1
     # they must share their routing state, so it needs state = "redis".
     workers: int = field(default=1, metadata={"min": 1, "max": MAX_WORKERS})
+    # "auto": uvloop when installed (pip install 'corral[fast]'), else the standard asyncio loop.
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     redis_url: str = field(default="redis://127.0.0.1:6379/0", metadata={"check": _check_redis_url})
     # HTTPS on the gateway's own listener: PEM certificate chain and private key (both or neither).
     # A gateway on a reachable address carries API keys in every request; the alternative is a TLS

@@ -15,25 +15,32 @@ $bytes_sent); `ttfb_ms` is when the reply's headers went out (the first byte).
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import re
 import time
-import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
-
-from gateway.api.errors import BACKEND_HEADER
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 REQUEST_ID_HEADER = "X-Request-Id"
 access_log = logging.getLogger("corral.access")
 
 # A client's id is kept when it is a sane token (no spaces or control characters to forge lines).
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
+# Fresh ids: a random prefix per process and a counter, 32 hex digits like a UUID's. Unique is
+# what they need to be (across gateways and restarts too: the prefix is 64 random bits), not
+# unguessable; a uuid4 per request cost a system call for its randomness.
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count()
+
+
+def new_record(request: web.Request) -> AccessRecord:
+    """The request's access record, with the client's id when it sent a sane one, else a fresh one."""
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    request_id = given if given and _CLIENT_ID.match(given) else f"{_ID_PREFIX}{next(_ID_COUNTER) & (2**64 - 1):016x}"
+    return AccessRecord(request_id, time.monotonic())
 
 
 @dataclass
@@ -65,7 +72,7 @@ def note(request: web.Request, *, model: str | None = None, retries: int | None 
         record.retries = retries
 
 
-async def stamp_reply(request: web.Request, response: web.StreamResponse) -> None:
+def stamp_reply(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: the id on every reply, and the moment its first byte left."""
     record = request.get(ACCESS)
     if record is None:
@@ -89,35 +96,3 @@ def access_line(request: web.Request, record: AccessRecord, status: int, size: i
         f"status={status} bytes={size} ttfb_ms={ttfb} total_ms={(now - record.started_at) * 1000:.1f} "
         f"retries={record.retries} client={request.remote or '-'}"
     )
-
-
-def access_middleware(enabled: bool) -> Middleware:
-    """Assigns the request id; logs the access line when `enabled`."""
-
-    @web.middleware
-    async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
-        given = request.headers.get(REQUEST_ID_HEADER, "")
-        record = AccessRecord(given if _CLIENT_ID.match(given) else uuid.uuid4().hex, time.monotonic())
-        request[ACCESS] = record
-        status, size, backend = 500, 0, ""
-        try:
-            response = await handler(request)
-            status, backend = response.status, response.headers.get(BACKEND_HEADER, "")
-            if enabled and not response.prepared:
-                # Sent here rather than by aiohttp after this returns (which then does nothing more),
-                # so the line has the bytes and the time of the whole reply.
-                await response.prepare(request)
-                await response.write_eof()
-            size = response.body_length
-            return response
-        except web.HTTPException as e:
-            status = e.status
-            raise
-        except BaseException:
-            status = 499 if request.transport is None or request.transport.is_closing() else 500
-            raise
-        finally:
-            if enabled:
-                access_log.info("%s", access_line(request, record, status, size, backend))
-
-    return access

@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
 from gateway.api.errors import error_for
 from gateway.config import GatewaySettings
 from launcher.facts.strictconf import ConfigError
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Paths that stay open even when keys are configured: liveness probes hit `/` (Ollama's own
 # "Ollama is running"), and readiness probes /api/corral/ready: neither reveals anything; nor do
@@ -136,24 +133,19 @@ def needs_admin(path: str) -> bool:
     return path in ADMIN_PATHS or path.startswith(ADMIN_PREFIXES)
 
 
-def auth_middleware(keys: ApiKeys) -> Middleware:
-    """401 without a valid key, 403 for a non-admin key on a management route."""
-
-    @web.middleware
-    async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not keys.enabled or request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PREFIXES):
-            return await handler(request)
-        if request.match_info.http_exception is not None:
-            return await handler(request)  # unknown path or wrong method: 404/405 like Ollama
-        token = bearer_token(request)
-        is_admin = bool(token) and _matches(token, keys.admin)
-        is_user = is_admin or (bool(token) and _matches(token, keys.api))
-        if not is_user:
-            return error_for(
-                request, 401, "unauthorized: missing or invalid API key", headers={"WWW-Authenticate": "Bearer"}
-            )
-        if keys.admin and needs_admin(request.path) and not is_admin:
-            return error_for(request, 403, "forbidden: this route needs an admin key")
-        return await handler(request)
-
-    return check_key
+def auth_refusal(keys: ApiKeys, request: web.Request) -> web.Response | None:
+    """401 without a valid key, 403 for a non-admin key on a management route; None: go on."""
+    if not keys.enabled or request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PREFIXES):
+        return None
+    if request.match_info.http_exception is not None:
+        return None  # unknown path or wrong method: 404/405 like Ollama
+    token = bearer_token(request)
+    is_admin = bool(token) and _matches(token, keys.admin)
+    is_user = is_admin or (bool(token) and _matches(token, keys.api))
+    if not is_user:
+        return error_for(
+            request, 401, "unauthorized: missing or invalid API key", headers={"WWW-Authenticate": "Bearer"}
+        )
+    if keys.admin and needs_admin(request.path) and not is_admin:
+        return error_for(request, 403, "forbidden: this route needs an admin key")
+    return None

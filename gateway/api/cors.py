@@ -9,15 +9,12 @@ untouched; a browser request from any other origin is refused with 403, as Ollam
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from fnmatch import fnmatchcase
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
 from gateway.api.errors import error_for
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 OLLAMA_ORIGINS: tuple[str, ...] = (
     *(
@@ -73,33 +70,31 @@ class OriginPolicy:
         return any(fnmatchcase(origin, pattern) for pattern in self.patterns)
 
 
-def cors_middleware(policy: OriginPolicy) -> Middleware:
-    @web.middleware
-    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
-        origin = request.headers.get("Origin")
-        if not origin:
-            return await handler(request)
-        if not policy.allows(origin):
-            return error_for(request, 403, f"origin {origin!r} is not allowed (add it to gateway.cors_origins)")
-        allow_origin = "*" if policy.allow_all else origin
-        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-            return web.Response(
-                status=204,
-                headers={
-                    "Access-Control-Allow-Origin": allow_origin,
-                    "Access-Control-Allow-Methods": ALLOW_METHODS,
-                    "Access-Control-Allow-Headers": ALLOW_HEADERS,
-                    "Access-Control-Max-Age": str(MAX_AGE_S),
-                    "Vary": "Origin",
-                },
-            )
-        request[_ALLOWED_ORIGIN] = allow_origin  # added to the reply's headers when it is prepared
-        return await handler(request)
-
-    return cors
+def cors_refusal(policy: OriginPolicy, request: web.Request) -> web.Response | None:
+    """A browser request from an origin not allowed (403), or the answer to a preflight (204);
+    None: go on (an allowed origin is noted for the reply's headers)."""
+    origin = request.headers.get("Origin")
+    if not origin:
+        return None
+    if not policy.allows(origin):
+        return error_for(request, 403, f"origin {origin!r} is not allowed (add it to gateway.cors_origins)")
+    allow_origin = "*" if policy.allow_all else origin
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        return web.Response(
+            status=204,
+            headers={
+                "Access-Control-Allow-Origin": allow_origin,
+                "Access-Control-Allow-Methods": ALLOW_METHODS,
+                "Access-Control-Allow-Headers": ALLOW_HEADERS,
+                "Access-Control-Max-Age": str(MAX_AGE_S),
+                "Vary": "Origin",
+            },
+        )
+    request[_ALLOWED_ORIGIN] = allow_origin  # added to the reply's headers when it is prepared
+    return None
 
 
-async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare hook: streamed replies send their headers inside the handler, so the
     CORS headers go on at that moment rather than after the handler returns."""
     allow_origin = request.get(_ALLOWED_ORIGIN)

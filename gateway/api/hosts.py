@@ -12,15 +12,11 @@ for any), for a gateway reached through a local name of its own.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
 from gateway.api.errors import ERROR_SOURCE_HEADER
 from launcher.facts.hosts import check_host, is_loopback_bind, local_ips, split_host_port
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Open to any Host: probes address a pod or container by whatever name they were given.
 UNCHECKED_PATHS: frozenset[str] = frozenset({"/api/corral/ready"})
@@ -39,19 +35,31 @@ def host_allowed(host_header: str, extra: tuple[str, ...], local_addresses: set[
     return any(fnmatch.fnmatchcase(name, pattern.lower()) for pattern in extra)
 
 
-def hosts_middleware(listen_host: str, allowed_hosts: tuple[str, ...]) -> Middleware | None:
-    """The check for a gateway listening on `listen_host`; None when it does not apply."""
-    if not is_loopback_bind(listen_host):
-        return None
-    local_addresses = local_ips()
+class HostCheck:
+    """The check for a gateway listening on a loopback address. Answers are remembered per Host
+    value (a client sends the same few; bounded, so made-up ones cannot grow it)."""
 
-    @web.middleware
-    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in UNCHECKED_PATHS or host_allowed(
-            request.headers.get("Host", ""), allowed_hosts, local_addresses
-        ):
-            return await handler(request)
-        # Ollama aborts with a bare 403 (no body); the header says the gateway refused it.
-        return web.Response(status=403, headers={ERROR_SOURCE_HEADER: "gateway"})
+    CACHE_SIZE = 256
 
-    return check
+    def __init__(self, allowed_hosts: tuple[str, ...]) -> None:
+        self._allowed_hosts = allowed_hosts
+        self._local_addresses = local_ips()
+        self._answers: dict[str, bool] = {}
+
+    @classmethod
+    def for_listen(cls, listen_host: str, allowed_hosts: tuple[str, ...]) -> HostCheck | None:
+        """The check for a gateway listening on `listen_host`; None when it does not apply."""
+        return cls(allowed_hosts) if is_loopback_bind(listen_host) else None
+
+    def refusal(self, request: web.Request) -> web.Response | None:
+        """Ollama's bare 403 for a foreign Host (the header says the gateway refused it); None: allowed."""
+        if request.path in UNCHECKED_PATHS:
+            return None
+        host = request.headers.get("Host", "")
+        allowed = self._answers.get(host)
+        if allowed is None:
+            allowed = host_allowed(host, self._allowed_hosts, self._local_addresses)
+            if len(self._answers) >= self.CACHE_SIZE:
+                self._answers.clear()
+            self._answers[host] = allowed
+        return None if allowed else web.Response(status=403, headers={ERROR_SOURCE_HEADER: "gateway"})

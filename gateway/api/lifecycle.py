@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Awaitable, Callable, Hashable
-
-from aiohttp import web
-from aiohttp.typedefs import Middleware
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+from collections.abc import Hashable
 
 
 class RequestTracker:
@@ -50,15 +45,3 @@ class RequestTracker:
         except TimeoutError:
             return self.active == 0
         return True
-
-    def middleware(self) -> Middleware:
-        @web.middleware
-        async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
-            connection = request.protocol
-            self.enter(connection)
-            try:
-                return await handler(request)
-            finally:
-                self.leave(connection)
-
-        return track

@@ -10,26 +10,24 @@ protocol object, so the gateway serves through `GuardedSite`, whose connections 
   on an idle one, cancelled when the request's headers are complete; when it fires, the client
   gets `408` and the connection is closed (nginx: client_header_timeout);
 - a connection count at accept: beyond `max_connections` the connection is marked, and the
-  `limits_middleware` answers its request with 503 + `Retry-After` and closes it.
+  gateway's front middleware answers its request with 503 + `Retry-After` and closes it.
 
 GuardedHandler reads a few of RequestHandler's private attributes (`_request_count`,
 `_current_request`, `_messages`, `_manager`, `_loop`); tests/gateway/test_client_limits.py breaks
 if an aiohttp upgrade renames them.
 
-The middleware also refuses an announced `Content-Length` over `max_body_bytes` (413) before the
-handler reads anything, and closes any connection whose body was left unread (408/413) right
-after the reply, so the rest of a refused body is never read.
+The front middleware (gateway/api/front.py) also refuses an announced `Content-Length` over
+`max_body_bytes` (413) before the handler reads anything, and closes any connection whose body
+was left unread (408/413) right after the reply, so the rest of a refused body is never read.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from ssl import SSLContext
 from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_runner import BaseSite
 from aiohttp.web_server import Server
@@ -37,8 +35,6 @@ from aiohttp.web_server import Server
 from gateway.api.bodies import announced_too_large
 from gateway.api.errors import error_for
 from gateway.config import GatewaySettings
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _REQUEST_TIMEOUT_REPLY = (
     b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain\r\nConnection: close\r\n"
@@ -146,30 +142,30 @@ class GuardedSite(BaseSite):
         )
 
 
-def limits_middleware(settings: GatewaySettings) -> Middleware:
-    @web.middleware
-    async def limits(request: web.Request, handler: Handler) -> web.StreamResponse:
-        protocol = request.protocol
-        if isinstance(protocol, GuardedHandler) and protocol.over_capacity:
-            reply = error_for(
-                request, 503, f"too many connections (limit {settings.max_connections})", headers={"Retry-After": "1"}
-            )
-            reply.force_close()
-            return reply
-        if not request.path.startswith(UNBOUNDED_BODY_PREFIXES) and announced_too_large(
-            request, settings.max_body_bytes
-        ):
-            reply = error_for(request, 413, f"request body too large: the limit is {settings.max_body_bytes} bytes")
-            return await _send_and_close(request, reply)
-        response = await handler(request)
-        if response.status in (408, 413) and not request.content.is_eof():
-            return await _send_and_close(request, response)
-        return response
-
-    return limits
+def limits_refusal(settings: GatewaySettings, request: web.Request) -> web.StreamResponse | None:
+    """503 on a connection over `max_connections`, 413 for an announced body over the limit (both
+    closing the connection); None: go on. Send the reply with `send_and_close` when its body is
+    left unread (see `needs_close`)."""
+    protocol = request.protocol
+    if isinstance(protocol, GuardedHandler) and protocol.over_capacity:
+        reply = error_for(
+            request, 503, f"too many connections (limit {settings.max_connections})", headers={"Retry-After": "1"}
+        )
+        reply.force_close()
+        return reply
+    if not request.path.startswith(UNBOUNDED_BODY_PREFIXES) and announced_too_large(request, settings.max_body_bytes):
+        reply = error_for(request, 413, f"request body too large: the limit is {settings.max_body_bytes} bytes")
+        reply.force_close()
+        return reply
+    return None
 
 
-async def _send_and_close(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+def needs_close(request: web.Request, response: web.StreamResponse) -> bool:
+    """A refusal (408, 413) that left the request's body unread: the connection must close after it."""
+    return response.status in (408, 413) and not request.content.is_eof()
+
+
+async def send_and_close(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
     """Send a refusal whose request body stays unread, then close the connection: it cannot carry
     another request, and aiohttp would otherwise read the unwanted body for its lingering time
     (10 s) before closing."""

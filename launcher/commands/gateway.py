@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import GatewaySettings, gateway_settings_from
+from gateway.loop import run as run_loop
 from gateway.routing.policy import POLICY_NAMES
 from gateway.server import GatewayServer
 from gateway.state.store import StateStore, StoreUnreachable, open_checked_store
@@ -129,4 +130,8 @@ def run(args: argparse.Namespace) -> int:
         from launcher.commands.gateway_workers import run_workers  # only a supervisor needs it
 
         return run_workers(settings, args.verbose)
-    return asyncio.run(_main(settings))
+    try:
+        return run_loop(_main(settings), settings.event_loop)
+    except RuntimeError as e:  # uvloop asked for and not installed
+        print(f"corral: {e}", file=sys.stderr)
+        return 2

@@ -41,6 +41,8 @@ from typing import Any
 
 from gateway.api.auth import check_listen_allowed, load_keys
 from gateway.config import GatewaySettings
+from gateway.loop import loop_factory
+from gateway.loop import run as run_loop
 from gateway.server import GatewayServer, socket_address
 from gateway.state.store import StoreUnreachable, open_checked_store
 from gateway.tls import server_ssl_context
@@ -243,10 +245,11 @@ def _exit_text(code: int) -> str:
 
 def check_before_spawning(settings: GatewaySettings) -> None:
     """What every worker would refuse, refused once here: ConfigError for the keys, an open
-    non-loopback address or the TLS files."""
+    non-loopback address or the TLS files, RuntimeError for an event loop that is not installed."""
     keys = load_keys(settings, os.environ)
     check_listen_allowed(settings.listen_host, keys)
     server_ssl_context(settings)
+    loop_factory(settings.event_loop)  # RuntimeError: uvloop asked for and not installed
 
 
 async def _supervise(settings: GatewaySettings, verbosity: int) -> int:
@@ -303,7 +306,11 @@ def workers_warning(settings: GatewaySettings) -> str | None:
 def run_workers(settings: GatewaySettings, verbosity: int) -> int:
     """`corral gateway` with settings.workers > 1: the supervisor. ConfigError before anything
     starts; 1 when the store, the address or a worker's first start fails."""
-    check_before_spawning(settings)
+    try:
+        check_before_spawning(settings)
+    except RuntimeError as e:
+        print(f"corral: {e}", file=sys.stderr)
+        return 2
     return asyncio.run(_supervise(settings, verbosity))
 
 
@@ -355,7 +362,8 @@ def worker_main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     spec: WorkerSpec = pickle.load(sys.stdin.buffer)
     setup_logging(spec.verbosity)
-    return asyncio.run(_serve_worker(spec))
+    # The workers serve on the configured loop; the supervisor, which serves nothing, on asyncio's.
+    return run_loop(_serve_worker(spec), spec.settings.event_loop)
 
 
 if __name__ == "__main__":
