@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import Gauge
 
 from gateway import appkeys
 from gateway.api import fleetwide as fleet
@@ -213,6 +214,7 @@ def create_app(
     keys: ApiKeys | None = None,
     listen: str | None = None,
     starting: bool = False,
+    worker: str = "",
 ) -> web.Application:
     """The gateway as an aiohttp Application over `store` (MemoryStore, or a shared RedisStore).
 
@@ -220,7 +222,8 @@ def create_app(
     address shown in /api/corral/status (default: settings.listen). `starting`: the backends are
     still being started (see ready.StartupGate; `corral up` ends it). The store is not closed by
     the app: whoever made it closes it. Backends from `settings.backends` are written into the
-    store when the app starts.
+    store when the app starts. `worker`: "i/n" when this app is one of `corral gateway --workers
+    n` (shown in the status document and /metrics; default "1/1").
     """
     keys = keys if keys is not None else load_keys(settings, os.environ)
     tracker = RequestTracker()
@@ -238,6 +241,11 @@ def create_app(
     app[appkeys.KEYS] = keys
     metrics = Metrics()
     app[appkeys.METRICS] = metrics
+    # With `corral gateway --workers n` a scrape reaches whichever worker the kernel picks; this
+    # says which one answered. Here rather than in Metrics: it is set once and never moves.
+    Gauge(
+        "corral_gateway_worker_info", "which gateway worker answered this scrape", ["worker"], registry=metrics.registry
+    ).labels(worker or "1/1").set(1)
     app[appkeys.STORE_HEALTH] = StoreHealth("gateway")  # the gauge is StoreWatch's (poller)
     app[appkeys.QUEUES] = queues
     pool = BackendPool(settings, queue_depths=queues.depths)
@@ -257,6 +265,7 @@ def create_app(
     app[appkeys.TRACKER] = tracker
     app[appkeys.STARTED_AT] = time.time()
     app[appkeys.LISTEN] = listen
+    app[appkeys.WORKER] = worker or "1/1"
     app[appkeys.ACTIVITY] = Activity()
     app.cleanup_ctx.extend([_fleet_gauges, _static_backends, _client_session, _pool_and_poller])
     _routes(app)

@@ -39,6 +39,7 @@ TRACKER = web.AppKey("corral_tracker", RequestTracker)
 STARTED_AT = web.AppKey("corral_started_at", float)  # epoch seconds
 ACTIVITY = web.AppKey("corral_activity", Activity)  # recent decisions and traffic, for the live views
 LISTEN = web.AppKey("corral_listen", str)  # the address actually served (for /api/corral/status)
+WORKER = web.AppKey("corral_worker", str)  # "i/n" among `corral gateway --workers n` ("1/1" alone)
 # Set while the app runs (cleanup contexts):
 SESSION = web.AppKey("corral_session", aiohttp.ClientSession)
 UPSTREAM = web.AppKey("corral_upstream", UpstreamPool)  # the lean client for model calls

@@ -9,6 +9,10 @@ from urllib.parse import urlsplit
 
 from launcher.facts.strictconf import KNOWN_SECTIONS, ConfigError, decode, load_toml, reject_unknown_sections
 
+# More gateway processes than this on one host is a typo rather than a plan (each one polls every
+# backend and holds its own connections to them).
+MAX_WORKERS = 64
+
 Policy = Literal["residency", "round-robin", "least-busy", "random"]
 
 
@@ -122,6 +126,9 @@ class GatewaySettings:
     # Browser origins allowed besides Ollama's own list (localhost, app://, file://, ...); "*" = any.
     cors_origins: tuple[str, ...] = ()
     state: Literal["memory", "redis"] = "memory"
+    # `corral gateway` only: gateway processes sharing the listen address (SO_REUSEPORT). Above 1
+    # they must share their routing state, so it needs state = "redis".
+    workers: int = field(default=1, metadata={"min": 1, "max": MAX_WORKERS})
     redis_url: str = field(default="redis://127.0.0.1:6379/0", metadata={"check": _check_redis_url})
     # HTTPS on the gateway's own listener: PEM certificate chain and private key (both or neither).
     # A gateway on a reachable address carries API keys in every request; the alternative is a TLS
@@ -134,6 +141,12 @@ class GatewaySettings:
         if bool(self.tls_cert) != bool(self.tls_key):
             missing = "tls_key" if self.tls_cert else "tls_cert"
             raise ConfigError(f"{path}.{missing}", "tls_cert and tls_key must be set together (PEM files)")
+        if self.workers > 1 and self.state != "redis":
+            raise ConfigError(
+                f"{path}.workers",
+                f'workers = {self.workers} needs state = "redis": each worker is its own process, and '
+                "in-memory state (backend records, in-flight counts) cannot be shared between processes",
+            )
         ids = [b.backend_id for b in self.backends]
         for i, backend_id in enumerate(ids):
             if backend_id in ids[:i]:

@@ -36,12 +36,20 @@ log = logging.getLogger(__name__)
 CANCEL_GRACE_S = 0.5
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on host:port (IPv6 when the host is an IPv6 address)."""
+def socket_address(host: str) -> tuple[socket.AddressFamily, str]:
+    """The address family and the address to bind for a configured host ("" = every IPv4 address)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     if host in ("", "localhost"):
         host = "127.0.0.1" if host == "localhost" else "0.0.0.0"
-    sock = socket.create_server((host, port), family=family, backlog=1024)
+    return family, host
+
+
+def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket on host:port (IPv6 when the host is an IPv6 address). `reuse_port`:
+    SO_REUSEPORT, so that several gateway workers listen on the same port and the kernel spreads
+    new connections over them."""
+    family, address = socket_address(host)
+    sock = socket.create_server((address, port), family=family, backlog=1024, reuse_port=reuse_port)
     sock.setblocking(False)
     return sock
 
@@ -58,11 +66,14 @@ class GatewayServer:
         host: str | None = None,
         port: int | None = None,
         starting: bool = False,
+        worker: str = "",
     ) -> None:
         """`keys`: None reads them as configured (files, environment). `host`/`port` override
         settings.listen (port 0 picks a free port; see `port` after start). `starting`: model
-        calls wait as "starting" until `end_startup()` (for a launcher still starting backends). The store is not
-        closed here: its owner closes it after the server."""
+        calls wait as "starting" until `end_startup()` (for a launcher still starting backends).
+        `worker`: "i/n" for one of `corral gateway --workers n`; the listener then takes
+        SO_REUSEPORT so its siblings share the port. The store is not closed here: its owner
+        closes it after the server."""
         self.settings = settings
         self.store = store
         self.keys = keys if keys is not None else load_keys(settings, os.environ)
@@ -75,6 +86,7 @@ class GatewayServer:
         self._drained: bool | None = None
         self._accepting = False
         self._starting = starting
+        self._worker = worker
 
     @property
     def app(self) -> web.Application:
@@ -108,10 +120,12 @@ class GatewayServer:
         check_listen_allowed(self.host, self.keys)
         ssl_context = server_ssl_context(self.settings)  # a bad certificate fails before anything starts
         # Bind first: a taken port fails before anything starts, and port 0 is known to the app.
-        sock = bind_socket(self.host, self._requested_port)
+        sock = bind_socket(self.host, self._requested_port, reuse_port=bool(self._worker))
         self._port = int(sock.getsockname()[1])
         listen = host_port(self.host, self._port)
-        self._app = create_app(self.settings, self.store, keys=self.keys, listen=listen, starting=self._starting)
+        self._app = create_app(
+            self.settings, self.store, keys=self.keys, listen=listen, starting=self._starting, worker=self._worker
+        )
         # handler_cancellation: a client that hangs up cancels its handler, which closes the
         # upstream request at once instead of at the next chunk.
         # keepalive_timeout: how long an idle kept-alive client connection stays open (nginx's
@@ -134,7 +148,10 @@ class GatewayServer:
         self._runner = runner
         self._site = site
         self._accepting = True
-        log.info("gateway listening on %s (policy %s)", self.url, self.settings.policy)
+        if self._worker:
+            log.info("gateway worker %s listening on %s (policy %s)", self._worker, self.url, self.settings.policy)
+        else:
+            log.info("gateway listening on %s (policy %s)", self.url, self.settings.policy)
 
     async def end_startup(self) -> None:
         """The launcher has started its backends: read their records, health and inventories now

@@ -6,6 +6,7 @@
     front.py       the one middleware: request ids, limits, drain accounting, errors, Host, CORS, keys
     proxy.py       forwarding one request to one backend, streaming the reply byte for byte
     upstream.py    the lean HTTP/1.1 client model calls go over (pooled keep-alive, httptools)
+    headers.py     which headers cross the gateway, in each direction
     fleetwide.py   calls about the whole fleet (tags, ps, pull, create, delete, ...)
     fanout.py, progress.py, blobs.py   fan-out to one backend per model store, merged progress
     status.py      GET /api/corral/status; its shape is status_doc.py (TypedDicts shared with the

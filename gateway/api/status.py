@@ -9,6 +9,7 @@ backend is called. The page asks for it about once a second, so it stays cheap.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import asdict
 from importlib import metadata
@@ -207,6 +208,8 @@ async def build_status(app: web.Application) -> StatusDoc:
         store_ok=not store_error,
         store_error=store_error,
         stats_window_s=activity.window_s,
+        worker=app[appkeys.WORKER],
+        pid=os.getpid(),
     )
     warnings: list[WarningDoc] = fleet_warnings(backends)
     if store_error:

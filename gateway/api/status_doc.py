@@ -40,6 +40,8 @@ class GatewayDoc(TypedDict):
     store_ok: bool
     store_error: str
     stats_window_s: float  # the window the per-model numbers cover
+    worker: str  # "i/n": which of `corral gateway --workers n` answered ("1/1" for a single gateway)
+    pid: int  # that worker's process id
 
 
 class GpuDoc(TypedDict):

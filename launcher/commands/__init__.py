@@ -5,5 +5,6 @@
     plan.py        `corral plan`: explain the placement, start nothing
     status.py      `corral status`: the fleet at a glance
     gateway.py     `corral gateway`: the gateway alone
+    gateway_workers.py  `corral gateway --workers N`: the supervisor and its worker processes
     rig.py         which rig a run drives: real GPUs with `ollama`, or the simulated one
 """

@@ -5,7 +5,9 @@
 
 Backends come from `[[gateway.backends]]` and `--backend`, and from records launchers write into
 the state store (`[gateway] state = "redis"`). SIGINT/SIGTERM drain: stop accepting, let requests
-in progress finish for up to `drain_timeout_s`, then exit.
+in progress finish for up to `drain_timeout_s`, then exit. With `--workers N` (or `[gateway]
+workers`) above 1, N such gateways share the address, supervised by this process
+(gateway_workers.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="config.toml", help="path of config.toml (default: %(default)s)")
     parser.add_argument("--listen", metavar="HOST:PORT", help="address to serve on (overrides [gateway] listen)")
     parser.add_argument("--policy", choices=POLICY_NAMES, help="routing policy (overrides [gateway] policy)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help='gateway processes sharing the address (overrides [gateway] workers; above 1 needs state = "redis")',
+    )
     parser.add_argument(
         "--backend",
         action="append",
@@ -73,6 +81,8 @@ def settings_from_args(args: argparse.Namespace) -> GatewaySettings:
             section["listen"] = args.listen
         if args.policy:
             section["policy"] = args.policy
+        if args.workers is not None:
+            section["workers"] = args.workers
         if args.backend:
             section["backends"] = [*section.get("backends", []), *(backend_entry(url) for url in args.backend)]
     return gateway_settings_from({**data, "gateway": section})
@@ -115,4 +125,8 @@ async def _main(settings: GatewaySettings) -> int:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    if settings.workers > 1:
+        from launcher.commands.gateway_workers import run_workers  # only a supervisor needs it
+
+        return run_workers(settings, args.verbose)
     return asyncio.run(_main(settings))

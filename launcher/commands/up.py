@@ -116,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = with_base_port(load_config(args.config), args.base_port)
     check_env_overrides(cfg.launcher)
     opts = options_from(args, cfg)
+    from launcher.commands.gateway_workers import workers_warning  # lazily, like gateway.server
+
+    if warning := workers_warning(cfg.gateway):
+        print(f"corral up: {warning}", file=sys.stderr)
     return asyncio.run(_up(cfg, opts, ProgressPrinter(sys.stdout)))
 
 
