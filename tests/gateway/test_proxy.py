@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from gateway.api.auth import ApiKeys
 from gateway.appkeys import POOL
+from gateway.config import StaticBackend
 from gateway.fleet.pool import BackendPool
 from gateway.server import GatewayServer
 from gateway.state.memory import MemoryStore
@@ -274,3 +278,58 @@ async def test_unknown_paths_and_wrong_methods_answer_like_ollama(fakes: MakeFak
 
 def _pool(gw: GatewayServer) -> BackendPool:
     return gw.app[POOL]
+
+
+async def test_model_calls_reuse_a_backend_connection_and_survive_it_closing_them(http: aiohttp.ClientSession) -> None:
+    # A backend that closes its side of the keep-alive connection after every second model call
+    # (a restart or an idle timeout looks the same): the gateway reuses an open connection, opens a
+    # new one when the backend closed the old, and no request sees an error.
+    peers: list[object] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        peers.append(request.transport.get_extra_info("peername") if request.transport else None)
+        await request.read()
+        answer = {"model": "m:latest", "message": {"role": "assistant", "content": "ok"}, "done": True}
+        reply = web.json_response(answer)
+        if len(peers) % 2 == 0:
+            reply.force_close()
+        return reply
+
+    async def version(request: web.Request) -> web.Response:
+        return web.json_response({"version": "0.12.0"})
+
+    async def tags(request: web.Request) -> web.Response:
+        return web.json_response({"models": [{"name": "m:latest", "model": "m:latest", "size": 1000}]})
+
+    async def ps(request: web.Request) -> web.Response:
+        return web.json_response({"models": []})
+
+    app = web.Application()
+    app.router.add_post("/api/chat", chat)
+    app.router.add_get("/api/version", version)
+    app.router.add_get("/api/tags", tags)
+    app.router.add_get("/api/ps", ps)
+    backend = TestServer(app, host="127.0.0.1")
+    await backend.start_server()
+    try:
+        settings = fast_settings(StaticBackend(url=str(backend.make_url("")).rstrip("/"), id="g0"))
+        async with GatewayServer(settings, MemoryStore(), keys=ApiKeys()) as gw:
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+            for _ in range(6):  # one after another: each can reuse the connection the last one left
+                async with http.post(gw.url + "/api/chat", json=body) as resp:
+                    assert resp.status == 200, await resp.text()
+                    assert (await resp.json())["message"]["content"] == "ok"
+    finally:
+        await backend.close()
+    assert len(peers) == 6
+    assert len(set(peers)) == 3  # two calls per connection: reused once, then replaced
+
+
+async def test_fresh_request_ids_are_distinct_and_shaped_like_uuids(http: aiohttp.ClientSession) -> None:
+    async with GatewayServer(fast_settings(), MemoryStore(), keys=ApiKeys()) as gw:
+        ids = []
+        for _ in range(50):
+            async with http.get(gw.url + "/api/version") as resp:
+                ids.append(resp.headers["X-Request-Id"])
+    assert len(set(ids)) == 50
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
