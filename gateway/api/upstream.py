@@ -78,6 +78,12 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamError("the backend switched protocols"))
         except httptools.HttpParserError as e:
             self._fail(UpstreamError(f"malformed reply from the backend: {e}"))
+        # Once per read, not per body piece: a read often holds many chunks of a token stream.
+        if self._buffered > _HIGH_WATER_BYTES and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        if self._chunks:
+            self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -114,10 +120,6 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self._chunks.append(body)
         self._buffered += len(body)
-        if self._buffered > _HIGH_WATER_BYTES and not self._paused and self.transport is not None:
-            self._paused = True
-            self.transport.pause_reading()
-        self._wake()
 
     def on_message_complete(self) -> None:
         self.complete = True
