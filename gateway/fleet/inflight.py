@@ -10,19 +10,26 @@ which would hide other gateways' requests.
 Store calls are shielded and the decrement runs as its own task, so a client hanging up at any
 point (which cancels the handler) can neither leak nor double-count a request; an increment the
 store refused is not decremented there either.
+
+A store call that fails may still have happened (the reply was lost on the way back), and a failed
+decrement would leave a count nobody ever removes: the other gateways would see a slot taken for as
+long as this one runs. So after any failed count, the store is repaired: once it answers again, this
+gateway's own counters there are replaced with what it knows it has in flight (`repair`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
 
 from gateway.fleet.pool import BackendPool
 from gateway.fleet.work import Work
-from gateway.state.health import StoreHealth
+from gateway.state.health import StoreHealth, reraise_if_cancelled
 from gateway.state.memory import MemoryStore
 from gateway.state.store import StateStore
 
@@ -30,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # The longest a request waits for its in-flight increment before going on without it.
 STORE_WAIT_S = 0.5
+# After a failed count, how often the repair is tried until the store takes it.
+REPAIR_INTERVAL_S = 1.0
 
 
 class SlotTaken(Exception):
@@ -48,6 +57,8 @@ class InFlight:
         # bound on the wait (a cancellation cannot land inside a call that does not await). Exactly
         # MemoryStore: a subclass may override a call with one that waits.
         self._inline = type(store) is MemoryStore
+        self._repair: asyncio.Task[None] | None = None  # runs only after a failed count
+        self._decrementing: Counter[tuple[str, str]] = Counter()  # decrements sent, not answered
 
     def hold(
         self,
@@ -131,6 +142,7 @@ class InFlight:
             await self._store.incr_in_flight(backend_id, model)
         except Exception as e:  # routing goes on with the local mirror
             self._health.failed(e)
+            self._needs_repair()  # it may have counted it all the same
             return False
         self._pool.note_stored(backend_id, model, +1)
         return True
@@ -142,17 +154,65 @@ class InFlight:
         await self._decr(backend_id, model)
 
     async def _decr(self, backend_id: str, model: str) -> None:
+        key = (backend_id, model)
+        self._decrementing[key] += 1
         try:
             await self._store.decr_in_flight(backend_id, model)
         except Exception as e:
             self._health.failed(e)
-            return
+            self._needs_repair()
+        finally:
+            self._decrementing[key] -= 1
+            if self._decrementing[key] <= 0:
+                del self._decrementing[key]
+        # Not counted any more as far as this gateway knows; a repair makes the store agree.
         self._pool.note_stored(backend_id, model, -1)
 
+    def _needs_repair(self) -> None:
+        if self._repair is None or self._repair.done():
+            self._repair = asyncio.create_task(self._repair_loop(), name="corral-in-flight-repair")
+
+    async def _repair_loop(self) -> None:
+        """Until the store takes it: this gateway's counters there := its own requests it counted."""
+        while True:
+            await asyncio.sleep(REPAIR_INTERVAL_S)
+            try:
+                await self.repair()
+            except Exception as e:
+                reraise_if_cancelled()
+                self._health.failed(e)
+                continue
+            return
+
+    async def repair(self) -> None:
+        """Replace this gateway's counters in the store with its own count (raises the store's error).
+
+        Decrements still on their way are left out, and so are increments not yet confirmed (they
+        are not in the pool's stored count): whichever side of the replacement they land on, the
+        store can then only count too few for a moment, which the decrement's stop at zero heals,
+        never one too many, which nothing would."""
+        counts = self._pool.stored_counts()
+        for (backend_id, model), n in self._decrementing.items():
+            per_model = counts.get(backend_id)
+            if per_model is not None and model in per_model:
+                per_model[model] = max(per_model[model] - n, 0)
+        await self._store.put_own_in_flight(counts)
+
     async def settle(self) -> None:
-        """Wait for pending decrements (at shutdown, so the store is left balanced)."""
+        """Wait for pending decrements (at shutdown, so the store is left balanced); a repair still
+        owed gets one last try."""
         if self._pending:
             await asyncio.wait(list(self._pending))
+        if self._repair is not None and not self._repair.done():
+            self._repair.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._repair
+            try:
+                async with asyncio.timeout(STORE_WAIT_S):
+                    await self.repair()
+            except Exception as e:  # what is left expires with this gateway's TTL there
+                reraise_if_cancelled()
+                self._health.failed(e)
 
 
 async def _done(token: str) -> str:

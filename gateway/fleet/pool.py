@@ -323,6 +323,13 @@ class BackendPool:
         else:
             self._stored.pop(key, None)
 
+    def stored_counts(self) -> dict[str, dict[str, int]]:
+        """This gateway's requests the store should be counting, per backend and model."""
+        counts: dict[str, dict[str, int]] = {}
+        for (backend_id, model), n in self._stored.items():
+            counts.setdefault(backend_id, {})[model] = n
+        return counts
+
     def replace_in_flight(self, counts: Mapping[str, Mapping[str, int]]) -> None:
         """Adopt the store's fleet-wide sums, with this gateway's own share replaced by its exact
         local count: the store lags behind it (an increment or decrement still on the way), and a

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gateway.record import BackendRecord
@@ -63,6 +63,11 @@ class MemoryStore:
 
     async def in_flight(self) -> dict[str, dict[str, int]]:
         return {b: dict(m) for b, m in self._in_flight.items() if m}
+
+    async def put_own_in_flight(self, counts: Mapping[str, Mapping[str, int]]) -> None:
+        # In-process calls cannot lose their outcome, so there is nothing to repair; and the counts
+        # here are every gateway's of this process together, not one owner's to replace.
+        return None
 
     async def reserve_slot(self, backend_id: str, model: str, slots: int) -> str | None:
         held = self._slots.setdefault((backend_id, model), set())

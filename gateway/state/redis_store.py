@@ -23,7 +23,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import redis.asyncio as aioredis
 
@@ -222,6 +222,18 @@ class RedisStore:
     async def decr_in_flight(self, backend_id: str, model: str) -> int:
         value = await self._decr(keys=[self._inflight_key], args=[f"{backend_id}{_SEP}{model}", self._owner_ttl_ms])
         return int(value)
+
+    async def put_own_in_flight(self, counts: Mapping[str, Mapping[str, int]]) -> None:
+        """This gateway's hash, replaced in one transaction (an increment or decrement sent meanwhile
+        applies after it)."""
+        fields = {f"{b}{_SEP}{m}": n for b, per_model in counts.items() for m, n in per_model.items() if n > 0}
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._inflight_key)
+            if fields:
+                pipe.hset(self._inflight_key, mapping=fields)  # type: ignore[arg-type]
+                pipe.pexpire(self._inflight_key, self._owner_ttl_ms)
+                pipe.sadd(self._k("inflight_owners"), self._owner)
+            await pipe.execute()
 
     async def in_flight(self) -> dict[str, dict[str, int]]:
         """Sum of every live gateway's counters, per backend and model."""

@@ -9,7 +9,7 @@ reference implementation; every store passes the same test suite.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from gateway.record import BackendRecord
@@ -39,6 +39,11 @@ class StateStore(Protocol):
     async def decr_in_flight(self, backend_id: str, model: str) -> int: ...
 
     async def in_flight(self) -> dict[str, dict[str, int]]: ...
+
+    async def put_own_in_flight(self, counts: Mapping[str, Mapping[str, int]]) -> None:
+        """Replace the counters this gateway owns with `counts` (per backend and model): how a
+        gateway repairs them after an increment or a decrement whose outcome it could not know."""
+        ...
 
     async def reserve_slot(self, backend_id: str, model: str, slots: int) -> str | None:
         """Take one of the `slots` slots of the model's copy on the backend, atomically across every

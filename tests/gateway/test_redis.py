@@ -142,3 +142,60 @@ async def wait_for_async(attempt: Any, timeout_s: float) -> None:
     while not await attempt():
         assert asyncio.get_running_loop().time() < deadline, "condition not met"
         await asyncio.sleep(0.1)
+
+
+class LossyStore(RedisStore):
+    """A Redis store whose next in-flight call fails, before or after Redis carried it out (a
+    connection lost on the way there, or the reply lost on the way back)."""
+
+    fail_next: str = ""  # "incr-after", "decr-before" or "decr-after"
+
+    async def incr_in_flight(self, backend_id: str, model: str) -> int:
+        if self.fail_next == "incr-after":
+            self.fail_next = ""
+            await super().incr_in_flight(backend_id, model)
+            raise ConnectionError("reply lost")
+        return await super().incr_in_flight(backend_id, model)
+
+    async def decr_in_flight(self, backend_id: str, model: str) -> int:
+        mode, self.fail_next = self.fail_next, ""
+        if mode == "decr-before":
+            raise ConnectionError("connection lost")
+        value = await super().decr_in_flight(backend_id, model)
+        if mode == "decr-after":
+            raise ConnectionError("reply lost")
+        return value
+
+
+@pytest.mark.parametrize("failure", ["incr-after", "decr-before", "decr-after"])
+async def test_a_count_whose_outcome_was_lost_is_repaired_in_the_store(
+    stores: tuple[RedisStore, RedisStore], failure: str
+) -> None:
+    # Another gateway must not go on seeing a request that ended here (a slot taken for as long as
+    # this gateway runs), nor stop seeing one still running.
+    _, other = stores
+    store = LossyStore.from_url(REDIS_URL, prefix=other._prefix, owner_ttl_s=5.0)
+    assert isinstance(store, LossyStore)
+    pool = BackendPool(fast_settings())
+    pool.sync_records([BackendRecord(id="g0", url="http://127.0.0.1:1")])
+    in_flight = InFlight(store, pool)
+    try:
+        async with in_flight.hold("g0", "m"):  # stays in flight throughout
+            store.fail_next = failure
+            async with in_flight.hold("g0", "m"):
+                pass
+            await wait_for(lambda: not in_flight._pending)
+            # Within a repair round the store counts exactly the one still running.
+            await _eventually_equal(other.in_flight, {"g0": {"m": 1}})
+        await in_flight.settle()
+        await _eventually_equal(other.in_flight, {})
+    finally:
+        await store.close()
+
+
+async def _eventually_equal(read: Any, expected: object, timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while (value := await read()) != expected:
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"store says {value}, expected {expected}")
+        await asyncio.sleep(0.05)
