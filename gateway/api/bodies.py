@@ -54,6 +54,10 @@ async def read_raw(request: web.Request, limit: int, read_timeout_s: float) -> b
         try:
             if content.is_eof():  # the rest is already here (a small body usually is): no timer
                 chunk = content.read_nowait()
+                if not body:  # all of it, in one piece
+                    if len(chunk) > limit:
+                        raise too_large(limit)
+                    return chunk
             else:
                 async with asyncio.timeout(read_timeout_s):
                     chunk = await content.readany()

@@ -9,7 +9,8 @@ copied into the mirror: a shared store answers an increment with this gateway's 
 which would hide other gateways' requests.
 Store calls are shielded and the decrement runs as its own task, so a client hanging up at any
 point (which cancels the handler) can neither leak nor double-count a request; an increment the
-store refused is not decremented there either.
+store refused is not decremented there either. With the in-process store (one gateway, as `corral
+up` runs it) the pool's count is already the fleet's, and nothing is counted in the store.
 
 A store call that fails may still have happened (the reply was lost on the way back), and a failed
 decrement would leave a count nobody ever removes: the other gateways would see a slot taken for as
@@ -53,10 +54,10 @@ class InFlight:
         self._health = store_health or StoreHealth("gateway")
         self._pool = pool
         self._pending: set[asyncio.Task[None]] = set()
-        # The in-process store's calls never suspend: counting there needs no task, no shield and no
-        # bound on the wait (a cancellation cannot land inside a call that does not await). Exactly
-        # MemoryStore: a subclass may override a call with one that waits.
-        self._inline = type(store) is MemoryStore
+        # The in-process store serves one gateway: the pool's own count is the fleet's, so there is
+        # nothing to count in the store (and no task, shield or wait per request). Exactly
+        # MemoryStore: a subclass (a test's flaky store) takes the shared-store path.
+        self._local = type(store) is MemoryStore
         self._repair: asyncio.Task[None] | None = None  # runs only after a failed count
         self._decrementing: Counter[tuple[str, str]] = Counter()  # decrements sent, not answered
 
@@ -74,9 +75,9 @@ class InFlight:
         token counts. Call it right after the decision, with no await in between, so that
         concurrent decisions see each other. With `slots` > 0 one of the copy's slots is reserved
         in the store first (exact across gateways); SlotTaken when none is left."""
-        if self._inline and slots <= 0:
+        if self._local and slots <= 0:
             work = self._pool.begin(backend_id, model, num_predict=num_predict, stream=stream, interactive=interactive)
-            return _InlineHold(self, work)
+            return _LocalHold(self._pool, work)
         return self._hold(backend_id, model, num_predict, stream, interactive, slots)
 
     @asynccontextmanager
@@ -219,29 +220,19 @@ async def _done(token: str) -> str:
     return token
 
 
-class _InlineHold:
-    """`InFlight.hold` over the in-process store: the same counts, without a task per request."""
+class _LocalHold:
+    """`InFlight.hold` over the in-process store: the pool's count is the whole fleet's there."""
 
-    __slots__ = ("_counted", "_in_flight", "_work")
+    __slots__ = ("_pool", "_work")
 
-    def __init__(self, in_flight: InFlight, work: Work) -> None:
-        self._in_flight = in_flight
+    def __init__(self, pool: BackendPool, work: Work) -> None:
+        self._pool = pool
         self._work = work
-        self._counted = False
 
     async def __aenter__(self) -> Work:
-        work = self._work
-        try:
-            self._counted = await self._in_flight._incr(work.backend_id, work.model)
-        except BaseException:
-            self._in_flight._pool.end(work)
-            raise
-        return work
+        return self._work
 
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
     ) -> None:
-        work = self._work
-        self._in_flight._pool.end(work)
-        if self._counted:
-            await self._in_flight._decr(work.backend_id, work.model)
+        self._pool.end(self._work)
