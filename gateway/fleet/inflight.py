@@ -192,11 +192,11 @@ class InFlight:
         are not in the pool's stored count): whichever side of the replacement they land on, the
         store can then only count too few for a moment, which the decrement's stop at zero heals,
         never one too many, which nothing would."""
-        counts = self._pool.stored_counts()
-        for (backend_id, model), n in self._decrementing.items():
-            per_model = counts.get(backend_id)
-            if per_model is not None and model in per_model:
-                per_model[model] = max(per_model[model] - n, 0)
+        counts: dict[str, dict[str, int]] = {}
+        for (backend_id, model), n in self._pool.stored().items():
+            left = n - self._decrementing.get((backend_id, model), 0)
+            if left > 0:
+                counts.setdefault(backend_id, {})[model] = left
         await self._store.put_own_in_flight(counts)
 
     async def settle(self) -> None:

@@ -88,6 +88,36 @@ class LiveBackend:
     last_used: dict[str, float] = field(default_factory=dict)  # model -> epoch seconds of the last request
     last_interactive: dict[str, float] = field(default_factory=dict)  # the same, interactive lane only
 
+    def succeeded(self, now: float, version: str | None) -> bool:
+        """A check or request reached it. True when this brings it back in (it was out, and its
+        ejection is over: only checks after that count)."""
+        self.checked_at = now
+        if version:
+            self.version = version
+        if self.healthy:
+            self.failures = 0
+            return False
+        if now < self.ejected_until:
+            return False
+        self.healthy = True
+        self.failures = 0
+        self.ejected_until = 0.0
+        self.last_error = ""
+        return True
+
+    def failed(self, now: float, error: str, eject_after: int, eject_for_s: float) -> bool:
+        """A check or request failed to reach it. True when this ejects it (for `eject_for_s`)."""
+        self.checked_at = now
+        self.failures += 1
+        self.last_error = error
+        if self.healthy and self.failures >= eject_after:
+            self.healthy = False
+            self.ejected_until = now + eject_for_s
+            return True
+        if not self.healthy and self.ejected_until and now >= self.ejected_until:
+            self.ejected_until = now + eject_for_s  # failed its probe: another round out
+        return False
+
     def merged_resident(self) -> Mapping[str, ResidentModel]:
         """The models loaded here, by name: the last poll's, plus loads seen since (read-only)."""
         if not self.seen_resident:

@@ -158,21 +158,8 @@ class BackendPool:
     def mark_success(self, backend_id: str, version: str | None = None) -> bool:
         """A check or request reached the backend. Returns True when this brought it back in."""
         live = self._backends.get(backend_id)
-        if live is None:
+        if live is None or not live.succeeded(self._clock(), version):
             return False
-        now = self._clock()
-        live.checked_at = now
-        if version:
-            live.version = version
-        if live.healthy:
-            live.failures = 0
-            return False
-        if now < live.ejected_until:
-            return False  # still serving its ejection; only checks after it count
-        live.healthy = True
-        live.failures = 0
-        live.ejected_until = 0.0
-        live.last_error = ""
         log.info("<%s> healthy", backend_id)
         self._changed(Change("fleet", backend_id=backend_id))
         return True
@@ -180,27 +167,14 @@ class BackendPool:
     def mark_failure(self, backend_id: str, error: str) -> bool:
         """A check or request failed to reach the backend. Returns True when this ejected it."""
         live = self._backends.get(backend_id)
-        if live is None:
+        settings = self.settings
+        if live is None or not live.failed(self._clock(), error, settings.eject_after_failures, settings.eject_for_s):
             return False
-        now = self._clock()
-        live.checked_at = now
-        live.failures += 1
-        live.last_error = error
-        if live.healthy and live.failures >= self.settings.eject_after_failures:
-            live.healthy = False
-            live.ejected_until = now + self.settings.eject_for_s
-            log.warning(
-                "<%s> ejected for %.1fs after %d failures: %s",
-                backend_id,
-                self.settings.eject_for_s,
-                live.failures,
-                error,
-            )
-            self._changed(Change("fleet", backend_id=backend_id))
-            return True
-        if not live.healthy and live.ejected_until and now >= live.ejected_until:
-            live.ejected_until = now + self.settings.eject_for_s  # failed its probe: another round out
-        return False
+        log.warning(
+            "<%s> ejected for %.1fs after %d failures: %s", backend_id, settings.eject_for_s, live.failures, error
+        )
+        self._changed(Change("fleet", backend_id=backend_id))
+        return True
 
     # -- polls -----------------------------------------------------------------------------------
 
@@ -323,12 +297,9 @@ class BackendPool:
         else:
             self._stored.pop(key, None)
 
-    def stored_counts(self) -> dict[str, dict[str, int]]:
-        """This gateway's requests the store should be counting, per backend and model."""
-        counts: dict[str, dict[str, int]] = {}
-        for (backend_id, model), n in self._stored.items():
-            counts.setdefault(backend_id, {})[model] = n
-        return counts
+    def stored(self) -> dict[tuple[str, str], int]:
+        """This gateway's requests the store should be counting, per (backend, model)."""
+        return dict(self._stored)
 
     def replace_in_flight(self, counts: Mapping[str, Mapping[str, int]]) -> None:
         """Adopt the store's fleet-wide sums, with this gateway's own share replaced by its exact
