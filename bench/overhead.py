@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every scenario per path (median is reported)")
     parser.add_argument("--requests", type=int, default=2000, help="non-streamed requests per run")
-    parser.add_argument("--waves", type=int, default=2, help="waves of 64 streams per run")
+    parser.add_argument("--waves", type=int, default=4, help="waves of 64 streams per run")
     parser.add_argument("--speed", type=float, default=100000.0, help="the simulated backends' time factor")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overhead.json")
     parser.add_argument(

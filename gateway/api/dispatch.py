@@ -46,6 +46,10 @@ PRIORITY_HEADER = "X-Corral-Priority"
 NUM_CTX_HEADER = "X-Corral-Num-Ctx"
 
 
+# The decision label of corral_routing_decisions.
+_DECISION_KINDS: dict[type[Decision], str] = {Send: "send", Wait: "wait", Reject: "reject"}
+
+
 def request_priority(request: web.Request) -> Priority:
     """The request's lane: a batch key's requests are batch whatever they ask (a batch key may not
     raise itself); otherwise X-Corral-Priority, interactive by default. BadRequest for a value
@@ -113,8 +117,7 @@ def _decide(request: web.Request, route: RouteRequest, ticket: Ticket | None = N
     if isinstance(decision, Reject) and decision.status in (404, 503) and app[appkeys.STARTUP].active:
         # `corral up` is still starting backends and pulling models: not an answer yet.
         decision = Wait("starting", note="the launcher is still starting its backends")
-    kind = type(decision).__name__.lower()
-    app[appkeys.METRICS].decisions.labels(kind, decision.reason).inc()
+    app[appkeys.METRICS].decisions.labels(_DECISION_KINDS[type(decision)], decision.reason).inc()
     app[appkeys.ACTIVITY].decided(route.model, decision)
     if log.isEnabledFor(logging.DEBUG):  # the explanation is built only for someone reading it
         log.debug("%s %s model=%s: %s", request.method, request.path, route.model, decision.explanation)
