@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import Gauge
 
 from gateway import appkeys
 from gateway.api import fleetwide as fleet
@@ -239,13 +238,10 @@ def create_app(
     app[appkeys.SETTINGS] = settings
     app[appkeys.STORE] = store
     app[appkeys.KEYS] = keys
-    metrics = Metrics()
+    # With `corral gateway --workers n` a scrape reaches whichever worker the kernel picks; the
+    # worker info says which one answered.
+    metrics = Metrics(worker=worker or "1/1")
     app[appkeys.METRICS] = metrics
-    # With `corral gateway --workers n` a scrape reaches whichever worker the kernel picks; this
-    # says which one answered. Here rather than in Metrics: it is set once and never moves.
-    Gauge(
-        "corral_gateway_worker_info", "which gateway worker answered this scrape", ["worker"], registry=metrics.registry
-    ).labels(worker or "1/1").set(1)
     app[appkeys.STORE_HEALTH] = StoreHealth("gateway")  # the gauge is StoreWatch's (poller)
     app[appkeys.QUEUES] = queues
     pool = BackendPool(settings, queue_depths=queues.depths)

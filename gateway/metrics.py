@@ -9,6 +9,7 @@ last read from the store (`StoreWatch`); a scrape never does I/O.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Generic, TypeVar
 
@@ -16,11 +17,15 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from gateway.fleet.storewatch import StoreWatch
 from gateway.routing.snapshot import Snapshot
 from launcher.facts.catalog import normalize_name
+
+# Where prometheus_client keeps each process's values when several gateway workers share a port.
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Requests range from a 20 ms embedding to a many-minute generation behind a cold 70B load.
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -160,9 +165,12 @@ class Labelled(Generic[M]):
 class Metrics:
     """Every metric the gateway exports, registered in `self.registry`."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, worker: str = "1/1") -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
+        # Collectors read at scrape time from this process alone (not summed over workers).
+        self._own: list[Collector] = [WorkerInfo(worker)]
+        r.register(self._own[0])
         self.requests = Labelled(
             Counter(
                 "corral_requests",
@@ -262,12 +270,40 @@ class Metrics:
 
     def attach_fleet(self, collector: FleetCollector) -> None:
         self.registry.register(collector)
+        self._own.append(collector)
 
     def detach_fleet(self, collector: FleetCollector) -> None:
         self.registry.unregister(collector)
+        self._own.remove(collector)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        """The text a scrape gets. Under `corral gateway --workers` (PROMETHEUS_MULTIPROC_DIR set by
+        the supervisor) counters and histograms are every worker's summed, from prometheus_client's
+        per-process files, so a scrape through the shared port reads the same totals whichever
+        worker answers; the fleet gauges are this worker's view (the in-flight ones come from the
+        shared store)."""
+        directory = os.environ.get(MULTIPROC_DIR_ENV)
+        if not directory:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry(auto_describe=True)
+        MultiProcessCollector(merged, path=directory)
+        for collector in self._own:
+            merged.register(collector)
+        return generate_latest(merged)
+
+
+class WorkerInfo(Collector):
+    """corral_gateway_worker_info{worker="i/n"} 1: which of `corral gateway --workers n` answered."""
+
+    def __init__(self, worker: str) -> None:
+        self._worker = worker
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "corral_gateway_worker_info", "which gateway worker answered this scrape", labels=["worker"]
+        )
+        info.add_metric([self._worker], 1.0)
+        yield info
 
 
 async def metrics_response(metrics: Metrics) -> web.Response:

@@ -5,8 +5,9 @@
 
 The kernel spreads new connections over the workers' listeners. The workers share their routing
 state (backend records, in-flight counts, slot reservations) through the Redis store, which is why
-workers > 1 needs `state = "redis"`; everything else (health checks, polls, queues, /metrics) is
-per worker.
+workers > 1 needs `state = "redis"`; health checks, polls and queues are per worker. Counters and
+histograms are kept in per-process files in a directory the parent makes (PROMETHEUS_MULTIPROC_DIR),
+so whichever worker answers a scrape reports every worker's totals (gateway/metrics.py).
 
 The parent holds a socket bound to the address with SO_REUSEPORT that never listens: the kernel
 hands it no connection, but it keeps the port (port 0 becomes one real port every worker binds, and
@@ -34,13 +35,17 @@ import random
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import multiprocess
+
 from gateway.api.auth import check_listen_allowed, load_keys
 from gateway.config import GatewaySettings
+from gateway.metrics import MULTIPROC_DIR_ENV
 from gateway.server import GatewayServer, socket_address
 from gateway.state.store import StoreUnreachable, open_checked_store
 from gateway.tls import server_ssl_context
@@ -111,8 +116,11 @@ def served_url(settings: GatewaySettings, port: int) -> str:
 class Supervisor:
     """Runs `count` workers until `stop` is set; one owner task per worker."""
 
-    def __init__(self, settings: GatewaySettings, port: int, verbosity: int) -> None:
+    def __init__(self, settings: GatewaySettings, port: int, verbosity: int, *, metrics_dir: str = "") -> None:
         self.settings = settings
+        self.metrics_dir = metrics_dir
+        # The workers' environment: theirs is the parent's, plus where to keep metric values.
+        self._env = {**os.environ, MULTIPROC_DIR_ENV: metrics_dir} if metrics_dir else None
         self.port = port
         self.verbosity = verbosity
         self.count = settings.workers
@@ -152,6 +160,7 @@ class Supervisor:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             preexec_fn=self._preexec,
+            env=self._env,
         )
         assert proc.stdin is not None
         proc.stdin.write(pickle.dumps(spec))
@@ -178,6 +187,7 @@ class Supervisor:
                 await self._stop(proc, label)
                 return
             code = await proc.wait()  # it exited on its own (or is about to, its stdout closed)
+            self._forget_metrics(proc.pid)
             if first and not ready:
                 raise WorkerStartFailed(f"worker {label} exited with {_exit_text(code)} before listening")
             first = False
@@ -194,6 +204,11 @@ class Supervisor:
             )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay_s)
+
+    def _forget_metrics(self, pid: int) -> None:
+        """A dead worker's live gauges go (its counters stay: they are part of the totals)."""
+        if self.metrics_dir:
+            multiprocess.mark_process_dead(pid, self.metrics_dir)
 
     async def _stop(self, proc: asyncio.subprocess.Process, label: str) -> None:
         """SIGTERM (the worker drains), then SIGKILL if it outlives its drain by STOP_GRACE_S."""
@@ -261,9 +276,11 @@ async def _supervise(settings: GatewaySettings, verbosity: int) -> int:
     except OSError as e:
         print(f"corral: cannot listen on {settings.listen}: {e.strerror or e}", file=sys.stderr)
         return 1
-    with reserved:
+    # prometheus_client's per-process files: any worker's /metrics sums them (gateway/metrics.py).
+    metrics_dir = tempfile.TemporaryDirectory(prefix="corral-metrics-")
+    with reserved, metrics_dir:
         port = int(reserved.getsockname()[1])
-        supervisor = Supervisor(settings, port, verbosity)
+        supervisor = Supervisor(settings, port, verbosity, metrics_dir=metrics_dir.name)
         stop = asyncio.Event()
 
         def on_signal(_sig: signal.Signals) -> None:

@@ -206,6 +206,35 @@ async def test_workers_share_one_port_and_each_answers_as_itself(
         assert await gw.stop() == 0
 
 
+def requests_counted(metrics_text: str) -> float:
+    """corral_requests_total summed over its label sets, from a scrape's text."""
+    return sum(float(m.group(1)) for m in re.finditer(r"^corral_requests_total\{[^}]*\} (\S+)$", metrics_text, re.M))
+
+
+async def test_every_scrape_reads_the_totals_of_all_workers(fakes: MakeFake, tmp_path: Path, redis_url: str) -> None:
+    # A scrape through the shared port reaches whichever worker the kernel picks: its counters must
+    # be the fleet's totals, not that worker's share, or rate() would jump from scrape to scrape.
+    fake = await fakes(name="g0")
+    async with workers(config(tmp_path, redis_url, fake.url)) as (gw, url):
+        await every_worker(url)  # both listen
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+            for _ in range(12):  # fresh connections: spread over the workers as the kernel likes
+                async with http.post(url + "/api/generate", json={**GENERATE, "stream": False}) as resp:
+                    assert resp.status == 200
+            answered: set[str] = set()
+            for _ in range(200):
+                async with http.get(url + "/metrics") as resp:
+                    text = await resp.text()
+                worker = re.findall(r'^corral_gateway_worker_info\{worker="(\d/2)"\} 1\.0$', text, re.M)
+                assert len(worker) == 1  # the one that answered, not every worker's
+                assert requests_counted(text) == 12, text
+                answered.add(worker[0])
+                if len(answered) == 2:
+                    break
+        assert answered == {"1/2", "2/2"}
+        assert await gw.stop() == 0
+
+
 async def test_a_backend_slot_is_shared_by_every_worker(fakes: MakeFake, tmp_path: Path, redis_url: str) -> None:
     # One slot (num_parallel = 1) and a first answer held open: every other request, whichever
     # worker it reached, must wait for that slot rather than reach the backend beside it.
