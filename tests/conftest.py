@@ -1,4 +1,4 @@
-"""Fixtures shared by the gateway tests: fake Ollama backends and one HTTP client session."""
+"""Fixtures shared by the tests: fake Ollama backends, one HTTP client session, a private Redis."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import aiohttp
 import pytest
 
 from tests.support.fakes import FakeOllama, MakeFake
+from tests.support.redisproc import own_redis
+
+__all__ = ["fakes", "http", "own_redis"]
 
 
 @pytest.fixture

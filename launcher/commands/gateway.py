@@ -105,11 +105,18 @@ async def serve(settings: GatewaySettings, store: StateStore, stop: asyncio.Even
         await server.drain()
 
 
-async def _main(settings: GatewaySettings) -> int:
+async def open_store_or_say(settings: GatewaySettings, who: str = "corral") -> StateStore | None:
+    """The configured state store, checked; None after saying on stderr why it is unreachable."""
     try:
-        store = await open_checked_store(settings.state, settings.redis_url)
+        return await open_checked_store(settings.state, settings.redis_url)
     except StoreUnreachable as e:
-        print(f"corral: {e}", file=sys.stderr)
+        print(f"{who}: {e}", file=sys.stderr)
+        return None
+
+
+async def _main(settings: GatewaySettings) -> int:
+    store = await open_store_or_say(settings)
+    if store is None:
         return 1
     stop = asyncio.Event()
     try:

@@ -47,9 +47,9 @@ from gateway.api.auth import check_listen_allowed, load_keys
 from gateway.config import GatewaySettings
 from gateway.metrics import MULTIPROC_DIR_ENV
 from gateway.server import GatewayServer, socket_address
-from gateway.state.store import StoreUnreachable, open_checked_store
 from gateway.tls import server_ssl_context
 from launcher.commands.cli import setup_logging
+from launcher.commands.gateway import open_store_or_say
 from launcher.facts.ollama import host_port
 from launcher.facts.strictconf import ConfigError
 from launcher.signals import on_stop_signals
@@ -265,10 +265,8 @@ def check_before_spawning(settings: GatewaySettings) -> None:
 
 
 async def _supervise(settings: GatewaySettings, verbosity: int) -> int:
-    try:
-        store = await open_checked_store(settings.state, settings.redis_url)
-    except StoreUnreachable as e:
-        print(f"corral: {e}", file=sys.stderr)
+    store = await open_store_or_say(settings)
+    if store is None:
         return 1
     await store.close()  # only checked: each worker opens its own
     try:
@@ -329,10 +327,8 @@ def run_workers(settings: GatewaySettings, verbosity: int) -> int:
 
 async def _serve_worker(spec: WorkerSpec) -> int:
     settings = spec.settings
-    try:
-        store = await open_checked_store(settings.state, settings.redis_url)
-    except StoreUnreachable as e:
-        print(f"corral gateway worker {spec.label}: {e}", file=sys.stderr)
+    store = await open_store_or_say(settings, f"corral gateway worker {spec.label}")
+    if store is None:
         return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -11,12 +11,8 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -30,69 +26,12 @@ from gateway.record import BackendRecord
 from gateway.server import GatewayServer
 from gateway.state.memory import MemoryStore
 from gateway.state.redis_store import RedisStore
-from launcher.sim.harness import SimServer, install_models
+from launcher.sim.harness import SimServer, free_port, install_models
 from tests.gateway.test_over_sim import SMALL, start_rig
 from tests.support.fakes import MakeFake, fast_settings, wait_for
+from tests.support.redisproc import RedisProcess
 
 GENERATE = {"model": "llama3.1:8b", "prompt": "hi", "stream": False}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class OwnRedis:
-    """A redis-server without persistence on a free port: killed, it comes back empty."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.port = free_port()
-        self.dir = tmp_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no"],
-            cwd=self.dir,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.02)
-        raise AssertionError("redis-server did not start")
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    redis = OwnRedis(tmp_path)
-    redis.start()
-    try:
-        yield redis
-    finally:
-        redis.kill()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def metric(http: aiohttp.ClientSession, gw: GatewayServer, name: str) -> float:
@@ -104,7 +43,7 @@ async def metric(http: aiohttp.ClientSession, gw: GatewayServer, name: str) -> f
 
 
 async def test_redis_killed_and_restarted_empty_under_load_fails_no_request(
-    fakes: MakeFake, http: aiohttp.ClientSession, own_redis: OwnRedis, caplog: pytest.LogCaptureFixture
+    fakes: MakeFake, http: aiohttp.ClientSession, own_redis: RedisProcess, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway.state.health")
     backends = [await fakes(name=f"g{i}") for i in range(2)]
@@ -153,7 +92,7 @@ def store_up_again(caplog: pytest.LogCaptureFixture) -> bool:
     return any("state store reachable again" in r.getMessage() for r in caplog.records)
 
 
-async def test_a_slot_whose_release_failed_is_free_for_the_next_request(own_redis: OwnRedis) -> None:
+async def test_a_slot_whose_release_failed_is_free_for_the_next_request(own_redis: RedisProcess) -> None:
     """After a Redis restart every pooled connection fails its next command once. A release lost
     that way kept the copy's only slot taken until its TTL (30 s): with one slot per copy the whole
     fleet looked busy and requests queued until they timed out."""

@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import re
 import signal
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -17,9 +15,9 @@ import pytest
 from gateway.api.auth import ApiKeys
 from gateway.server import GatewayServer
 from gateway.state.memory import MemoryStore
+from tests.support.cli import corral_gateway
 from tests.support.fakes import FakeOllama, MakeFake, fast_settings, wait_for
 
-REPO = Path(__file__).resolve().parents[2]
 START_DEADLINE_S = 30.0
 
 
@@ -114,26 +112,12 @@ async def test_a_large_body_reaches_the_backend_intact(fakes: MakeFake, http: ai
     assert fake.calls("/api/generate")[0].body == body
 
 
-async def _corral(*args: str) -> asyncio.subprocess.Process:
-    env = {k: v for k, v in os.environ.items() if k not in ("CORRAL_API_KEYS", "CORRAL_ADMIN_KEYS")}
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "launcher.commands.cli",
-        "gateway",
-        *args,
-        cwd=REPO,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-
-
 async def test_corral_gateway_runs_alone_and_stops_on_sigterm(
     fakes: MakeFake, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     fake = await fakes(name="g0")
-    proc = await _corral("--config", str(tmp_path / "none.toml"), "--backend", fake.url, "--listen", "127.0.0.1:0")
+    config = str(tmp_path / "none.toml")
+    proc = await corral_gateway("--config", config, "--backend", fake.url, "--listen", "127.0.0.1:0")
     try:
         assert proc.stderr is not None
         url = None
@@ -164,7 +148,7 @@ async def test_corral_gateway_runs_alone_and_stops_on_sigterm(
     ],
 )
 async def test_corral_gateway_config_errors_are_one_line_and_exit_2(args: list[str], expected: str) -> None:
-    proc = await _corral(*args)
+    proc = await corral_gateway(*args)
     _, stderr = await asyncio.wait_for(proc.communicate(), timeout=START_DEADLINE_S)
     assert proc.returncode == 2
     lines = stderr.decode().strip().splitlines()

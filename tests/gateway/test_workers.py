@@ -14,7 +14,7 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,26 +23,18 @@ import pytest
 
 from gateway.config import GatewaySettings
 from launcher.commands.gateway_workers import Supervisor, workers_warning
+from tests.support.cli import corral_gateway
 from tests.support.fakes import FakeOllama, MakeFake, wait_for
 from tests.support.redisproc import RedisProcess
 
-REPO = Path(__file__).resolve().parents[2]
+DEVNULL = asyncio.subprocess.DEVNULL  # the supervisor prints on stderr only
 DEADLINE_S = 30.0
 GENERATE = {"model": "llama3.1:8b", "prompt": "hi"}
 
 
 @pytest.fixture
-def redis_url(tmp_path: Path) -> Iterator[str]:
-    server = RedisProcess(tmp_path / "redis")
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
-
-
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("CORRAL_API_KEYS", "CORRAL_ADMIN_KEYS")}
+def redis_url(own_redis: RedisProcess) -> str:
+    return own_redis.url
 
 
 class Workers:
@@ -113,25 +105,11 @@ def config(tmp_path: Path, redis_url: str, *backends: str, extra: str = "") -> P
     return path
 
 
-async def _corral_gateway(*args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "launcher.commands.cli",
-        "gateway",
-        *args,
-        cwd=REPO,
-        env=_env(),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-
-
 @contextlib.asynccontextmanager
 async def workers(path: Path, count: int = 2) -> AsyncIterator[tuple[Workers, str]]:
     """The running command and its URL (once every worker listens); SIGKILLed if still running
     when the block ends, with its workers."""
-    gw = Workers(await _corral_gateway("--config", str(path), "--workers", str(count)))
+    gw = Workers(await corral_gateway("--config", str(path), "--workers", str(count), stdout=DEVNULL))
     try:
         url = (await gw.line(r"serving (http://\S+) with \d+ workers")).group(1)
         yield gw, url
@@ -328,7 +306,7 @@ async def test_a_taken_address_ends_the_command(fakes: MakeFake, tmp_path: Path,
         port = taken.getsockname()[1]
         path = config(tmp_path, redis_url, fake.url)
         path.write_text(path.read_text().replace('"127.0.0.1:0"', f'"127.0.0.1:{port}"'))
-        proc = await _corral_gateway("--config", str(path), "--workers", "2")
+        proc = await corral_gateway("--config", str(path), "--workers", "2", stdout=DEVNULL)
         _, stderr = await asyncio.wait_for(proc.communicate(), DEADLINE_S)
     assert proc.returncode == 1
     expected = f"corral: cannot listen on 127.0.0.1:{port}: Address already in use"
@@ -367,7 +345,9 @@ async def test_a_worker_that_fails_its_first_start_stops_the_others_and_the_comm
     ],
 )
 async def test_bad_worker_counts_are_config_errors(args: list[str], expected: str) -> None:
-    proc = await _corral_gateway("--config", "/nonexistent/corral.toml", "--backend", "http://127.0.0.1:1", *args)
+    proc = await corral_gateway(
+        "--config", "/nonexistent/corral.toml", "--backend", "http://127.0.0.1:1", *args, stdout=DEVNULL
+    )
     _, stderr = await asyncio.wait_for(proc.communicate(), DEADLINE_S)
     assert proc.returncode == 2
     lines = stderr.decode().strip().splitlines()

@@ -7,28 +7,16 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from gateway.state.redis_store import RedisStore
 from launcher.supervise.supervisor import Supervisor
-from tests.gateway.test_fault_injection import OwnRedis
 from tests.launcher.test_supervisor import FAST, WAIT_S, launch, planned
+from tests.support.redisproc import RedisProcess
 
 # Far longer than the test: a record back in Redis was re-published, not heartbeated by chance.
 RECORD_TTL_S = 90.0
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    redis = OwnRedis(tmp_path)
-    redis.start()
-    try:
-        yield redis
-    finally:
-        redis.kill()
 
 
 async def records_in(store: RedisStore) -> list[str]:
@@ -39,7 +27,7 @@ async def records_in(store: RedisStore) -> list[str]:
 
 
 async def test_records_are_republished_at_once_when_redis_comes_back_empty(
-    own_redis: OwnRedis, caplog: pytest.LogCaptureFixture
+    own_redis: RedisProcess, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway.state.health")
     prefix = f"corral-test-{os.getpid()}-{time.monotonic_ns()}:"

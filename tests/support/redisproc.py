@@ -6,20 +6,18 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from launcher.sim.harness import free_port
 
 
 class RedisProcess:
     """`start()` runs redis-server on 127.0.0.1:`port` (no persistence) and waits for PING; `stop()`
-    ends that one process by its pid. Restartable on the same port."""
+    ends that one process by its pid, `kill()` kills it (it comes back empty). Restartable on the
+    same port."""
 
     def __init__(self, workdir: Path, port: int | None = None) -> None:
         self.workdir = workdir
@@ -64,3 +62,22 @@ class RedisProcess:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A private redis-server, running, for the test (skipped without redis-server)."""
+    redis = RedisProcess(tmp_path / "redis")
+    redis.start()
+    try:
+        yield redis
+    finally:
+        redis.kill()
