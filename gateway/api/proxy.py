@@ -213,9 +213,7 @@ async def forward(
     target = path if path is not None else request.path_qs
     loop = asyncio.get_running_loop()
     first_byte_by = None if first_byte_timeout_s is None else loop.time() + first_byte_timeout_s
-    # HEAD stays on aiohttp's client too: its reply announces a body that never comes.
-    lean = pool is not None and request.method != "HEAD" and (body is None or isinstance(body, bytes))
-    endpoint = _endpoint(base_url) if lean else None
+    endpoint = _endpoint(base_url) if pool is not None and (body is None or isinstance(body, bytes)) else None
     upstream: Reply
     try:
         async with asyncio.timeout_at(first_byte_by):

@@ -15,6 +15,7 @@ Contract (what `gateway.api.proxy` relies on):
   `UpstreamError` when the backend fails mid-body.
 - `UpstreamResponse.close()` hands a finished connection back to the pool and closes any other one,
   which is how a backend learns that the client went away.
+- Not for HEAD: llhttp would wait for the body a HEAD reply announces (model calls never use it).
 - A request on a reused connection that the backend had already closed (it fails before any reply
   byte) is sent again once on a fresh connection; nothing else is ever re-sent from here.
 """

@@ -333,3 +333,48 @@ async def test_fresh_request_ids_are_distinct_and_shaped_like_uuids(http: aiohtt
                 ids.append(resp.headers["X-Request-Id"])
     assert len(set(ids)) == 50
     assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+
+
+async def test_a_backend_that_answers_garbage_gets_an_ollama_shaped_502(http: aiohttp.ClientSession) -> None:
+    # Health checks and polls are well-formed, model calls get bytes that are not HTTP: the lean
+    # client's parse error is a failure before the first byte, answered like any other.
+    ok = {
+        b"/api/version": b'{"version": "0.12.0"}',
+        b"/api/tags": b'{"models": [{"name": "m:latest", "model": "m:latest", "size": 1000}]}',
+        b"/api/ps": b'{"models": []}',
+    }
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                path = head.split(b" ", 2)[1]
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                if length:
+                    await reader.readexactly(int(length.group(1)))
+                if path in ok:
+                    body = ok[path]
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                        % (len(body), body)
+                    )
+                else:
+                    writer.write(b"this is not an HTTP reply\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        settings = fast_settings(StaticBackend(url=f"http://127.0.0.1:{port}", id="g0"), eject_after_failures=10)
+        async with GatewayServer(settings, MemoryStore(), keys=ApiKeys()) as gw:
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+            async with http.post(gw.url + "/api/chat", json=body) as resp:
+                assert resp.status == 502
+                error = (await resp.json())["error"]
+            assert "malformed reply from the backend" in error
+    finally:
+        server.close()
+        await server.wait_closed()
