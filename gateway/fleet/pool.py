@@ -2,11 +2,15 @@
 
 The pool's state is private. It is changed through its methods only: by the poller (records,
 health, /api/tags, /api/ps, model facts) and by the request path (requests begun and ended, what
-replies revealed). It is read through `snapshot()` (the immutable `Snapshot` the router and the
-handlers use; no I/O, safe on the hot path) and a few small accessors. Every change that can alter
-a routing decision is announced once, through the listeners given to `subscribe` (the one signal
-that wakes the gateway's waiting requests). All methods are synchronous and must be called from the
-event loop's thread.
+replies revealed). It is read through `snapshot()` (the `Snapshot` the router and the handlers
+use; no I/O, safe on the hot path) and a few small accessors. A snapshot's shape (records, health,
+inventory, residency, loads, model facts) is fixed when it is taken, and its views are built once
+per change of that shape, not per request; the counters that every request moves (requests in
+flight, waiters, observed rates, last use) are the pool's own, read live. A decision reads them
+synchronously, so it sees one consistent state; keep a snapshot across an await only for its shape.
+Every change that can alter a routing decision is announced once, through the listeners given to
+`subscribe` (the one signal that wakes the gateway's waiting requests). All methods are
+synchronous and must be called from the event loop's thread.
 
 Health: a backend is routable once a health check or poll succeeded. After `eject_after_failures`
 consecutive failures (active checks or proxied attempts) it is ejected for `eject_for_s`; after
@@ -34,9 +38,18 @@ from gateway.fleet.live import (
     row_model_name,
     version_key,
 )
+from gateway.fleet.views import QueuedHere, backend_view, shown_resident
 from gateway.fleet.work import Change, Listener, Work, WorkItems
 from gateway.record import BackendRecord
-from gateway.routing.snapshot import BackendView, LoadOptions, ModelFacts, ObservedStats, ResidentModel, Snapshot
+from gateway.routing.snapshot import (
+    BackendView,
+    LoadOptions,
+    ModelFacts,
+    ObservedStats,
+    ResidentModel,
+    Snapshot,
+    SnapshotIndex,
+)
 
 __all__ = ["BackendPool", "LiveBackend", "RecordChanges", "ReplyFacts", "parse_timestamp", "row_model_name"]
 
@@ -68,6 +81,8 @@ class BackendPool:
         # Backend seconds per wall second (a time-scaled simulator runs faster than the wall clock),
         # learned from replies: what turns a request's elapsed wall time into the backend's clock.
         self._backend_s_per_s = 1.0
+        # The snapshot's views, index and model facts, until the fleet's shape changes (`_reshaped`).
+        self._built: tuple[tuple[BackendView, ...], SnapshotIndex, dict[str, ModelFacts]] | None = None
 
     # -- the change signal -----------------------------------------------------------------------
 
@@ -76,8 +91,15 @@ class BackendPool:
         self._listeners.append(listener)
 
     def _changed(self, change: Change) -> None:
+        if change.kind == "fleet":
+            self._reshaped()
         for listener in self._listeners:
             listener(change)
+
+    def _reshaped(self) -> None:
+        """Something a view shows beyond the live counters changed: the next snapshot rebuilds them.
+        Called by every method that changes such state, whether or not it announces a change."""
+        self._built = None
 
     def queue_depths(self) -> Mapping[str, int]:
         return self._queue_depths()
@@ -124,7 +146,7 @@ class BackendPool:
         return self._in_flight.get(backend_id, {}).get(model, 0)
 
     def in_flight_counts(self) -> dict[str, dict[str, int]]:
-        return {b: dict(m) for b, m in self._in_flight.items()}
+        return {b: dict(m) for b, m in self._in_flight.items() if m}
 
     # -- records ---------------------------------------------------------------------------------
 
@@ -133,6 +155,7 @@ class BackendPool:
         backend on a new port) counts as removed and added: what was known about it is dropped."""
         current = {r.id: r for r in records}
         changes = RecordChanges()
+        self._reshaped()  # even a heartbeat replaces the records the views show
         for backend_id in list(self._backends):
             live = self._backends[backend_id]
             record = current.get(backend_id)
@@ -158,7 +181,12 @@ class BackendPool:
     def mark_success(self, backend_id: str, version: str | None = None) -> bool:
         """A check or request reached the backend. Returns True when this brought it back in."""
         live = self._backends.get(backend_id)
-        if live is None or not live.succeeded(self._clock(), version):
+        if live is None:
+            return False
+        before = live.version
+        if not live.succeeded(self._clock(), version):
+            if live.version != before:
+                self._reshaped()
             return False
         log.info("<%s> healthy", backend_id)
         self._changed(Change("fleet", backend_id=backend_id))
@@ -182,6 +210,7 @@ class BackendPool:
         live = self._backends.get(backend_id)
         if live is None:
             return
+        self._reshaped()
         live.tags = [m for m in models if isinstance(m, dict)]
         installed = frozenset(name for name in map(row_model_name, live.tags) if name)
         known, before = live.inventory_known, live.installed
@@ -212,6 +241,7 @@ class BackendPool:
                 loaded_with=previous.loaded_with if previous else None,
             )
         before = frozenset(live.merged_resident())
+        self._reshaped()  # sizes, contexts and expiry may change under the same names
         live.resident = resident
         live.seen_resident = {
             name: (model, seen_at)
@@ -262,8 +292,6 @@ class BackendPool:
             items.remove(work)
             if not items:
                 per_model.pop(work.model, None)
-            if not per_model:
-                self._work.pop(work.backend_id, None)
         self._bump(work.backend_id, work.model, -1)
         self._touch(work.backend_id, work.model, work.interactive, self._clock())
         self._changed(Change("slot", work.model, work.backend_id))
@@ -272,14 +300,13 @@ class BackendPool:
         self._changed(Change("progress", work.model, work.backend_id))
 
     def _bump(self, backend_id: str, model: str, delta: int) -> None:
+        # The row stays when it empties: the snapshot's views read it live.
         per_model = self._in_flight.setdefault(backend_id, {})
         count = per_model.get(model, 0) + delta
         if count > 0:
             per_model[model] = count
         else:
             per_model.pop(model, None)
-            if not per_model:
-                del self._in_flight[backend_id]
 
     def _touch(self, backend_id: str, model: str, interactive: bool, now: float) -> None:
         live = self._backends.get(backend_id)
@@ -318,8 +345,11 @@ class BackendPool:
                 if items:
                     row = merged.setdefault(backend_id, {})
                     row[model] = row.get(model, 0) + len(items)
-        if merged != self._in_flight:
-            self._in_flight = {b: m for b, m in merged.items() if m}
+        if merged != self.in_flight_counts():
+            for backend_id, row in self._in_flight.items():  # in place: the views read these rows
+                row.clear()
+                row.update(merged.pop(backend_id, {}))
+            self._in_flight.update(merged)
             self._changed(Change("fleet"))
 
     def knows_model(self, model: str) -> bool:
@@ -342,6 +372,7 @@ class BackendPool:
         live = self._backends.get(backend_id)
         if live is not None:
             live.loading[model] = live.loading.get(model, 0) + 1
+            self._reshaped()
 
     def stop_loading(self, backend_id: str, model: str) -> None:
         live = self._backends.get(backend_id)
@@ -365,6 +396,7 @@ class BackendPool:
         """Learn from a reply's final chunk (see `fleet.live.learn_from_reply`). `sent_wall_s`: wall
         seconds from sending it to its end, which teaches the backend's clock rate."""
         live = self._backends.get(backend_id)
+        shown = shown_resident(live, model)
         facts, backend_s = learn_from_reply(
             live,
             model,
@@ -378,6 +410,8 @@ class BackendPool:
         )
         if facts.cold_load:
             self._changed(Change("fleet", model, backend_id))  # a load ended: that copy is resident
+        elif shown_resident(live, model) != shown:
+            self._reshaped()
         if live is not None and sent_wall_s > 0 and backend_s > 0:
             ratio = min(max(backend_s / sent_wall_s, 0.01), 1000.0)
             self._backend_s_per_s = self._backend_s_per_s * (1 - EWMA_ALPHA) + ratio * EWMA_ALPHA
@@ -386,36 +420,26 @@ class BackendPool:
     # -- the router's view -----------------------------------------------------------------------
 
     def views(self) -> tuple[BackendView, ...]:
-        depths = self.queue_depths()
-        views = []
-        now = self._clock()
-        for backend_id, live in self._backends.items():
-            resident = live.merged_resident()
-            work = self._work.get(backend_id, {})
-            used = sum(r.size_vram_bytes for r in resident.values())
-            views.append(
-                BackendView(
-                    record=live.record,
-                    healthy=live.healthy,
-                    installed=live.installed,
-                    resident=tuple(resident.values()),
-                    in_flight=dict(self._in_flight.get(backend_id, {})),
-                    queued={m: d for m, d in depths.items() if d and m in live.installed},
-                    free_vram_bytes=max(live.record.vram_total_bytes - used, 0),
-                    loading=next(iter(live.loading), None),
-                    observed=dict(live.observed),
-                    inventory_known=live.inventory_known,
-                    default_num_ctx=live.record.default_num_ctx,
-                    last_used=dict(live.last_used),
-                    last_interactive=dict(live.last_interactive),
-                    work=WorkItems(work, now, self._backend_s_per_s) if work else {},
-                    version=live.version,
-                )
-            )
-        return tuple(views)
+        return self.snapshot().backends
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(backends=self.views(), models=dict(self._facts), now=self._clock())
+        built = self._built
+        if built is None:
+            views = tuple(
+                backend_view(
+                    live,
+                    self._in_flight.setdefault(backend_id, {}),
+                    QueuedHere(self._queue_depths, live.installed),
+                    WorkItems(self._work.setdefault(backend_id, {}), self._clock, self._clock_rate),
+                )
+                for backend_id, live in self._backends.items()
+            )
+            built = self._built = (views, SnapshotIndex.build(views), dict(self._facts))
+        views, index, facts = built
+        return Snapshot(backends=views, models=facts, now=self._clock(), index=index)
+
+    def _clock_rate(self) -> float:
+        return self._backend_s_per_s
 
     def version(self) -> str:
         """The oldest Ollama version among healthy backends (what every request can count on)."""

@@ -2,7 +2,7 @@
 
 A `Work` is one request sent to a backend and not finished: its expected answer length (its
 num_predict, else the model's typical one), the tokens relayed so far (the proxy counts NDJSON lines
-or SSE events as they pass) and when it started. The pool turns them into the snapshot's immutable
+or SSE events as they pass) and when it started. The snapshot's views read them as immutable
 `WorkItem`s (`WorkItems`, itemised only when the wait model reads them). Only the pool creates and
 ends them.
 """
@@ -96,24 +96,24 @@ class Work:
 class WorkItems(Mapping[str, tuple[WorkItem, ...]]):
     """One backend's requests in flight, per model, as a snapshot's `BackendView.work`.
 
-    Which requests are in flight is fixed when the snapshot is taken; each model's `WorkItem`s are
-    made on first read, at the snapshot's `now`. Why lazily: the wait model reads them only when
-    every slot of a copy is busy, and itemising every request in flight for every decision was the
-    largest part of building a snapshot under load."""
+    Live: it reads the pool's own lists, and itemises a model's requests when read, at that moment
+    (`clock`, and the backend's clock rate then). Why: the snapshot's views are built once per
+    change of the fleet, not per request, and the wait model reads these only when every slot of a
+    copy is busy."""
 
-    __slots__ = ("_items", "_now", "_rate", "_work")
+    __slots__ = ("_clock", "_rate", "_work")
 
-    def __init__(self, work: Mapping[str, list[Work]], now: float, backend_s_per_s: float) -> None:
-        self._work = {model: tuple(items) for model, items in work.items()}
-        self._items: dict[str, tuple[WorkItem, ...]] = {}
-        self._now = now
+    def __init__(
+        self, work: Mapping[str, list[Work]], clock: Callable[[], float], backend_s_per_s: Callable[[], float]
+    ) -> None:
+        self._work = work
+        self._clock = clock
         self._rate = backend_s_per_s
 
     def __getitem__(self, model: str) -> tuple[WorkItem, ...]:
-        items = self._items.get(model)
-        if items is None:
-            items = self._items[model] = tuple(w.item(self._now, self._rate) for w in self._work[model])
-        return items
+        items = self._work[model]
+        now, rate = self._clock(), self._rate()
+        return tuple(w.item(now, rate) for w in items)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._work)
