@@ -210,13 +210,12 @@ class BackendPool:
         live = self._backends.get(backend_id)
         if live is None:
             return
-        self._reshaped()
         live.tags = [m for m in models if isinstance(m, dict)]
         installed = frozenset(name for name in map(row_model_name, live.tags) if name)
         known, before = live.inventory_known, live.installed
         live.installed = installed
         live.inventory_known = True
-        if not known or installed != before:
+        if not known or installed != before:  # announced: the views are rebuilt
             self._changed(Change("fleet", backend_id=backend_id))
 
     def apply_ps(self, backend_id: str, models: list[dict[str, Any]], poll_started_at: float) -> None:
@@ -241,7 +240,8 @@ class BackendPool:
                 loaded_with=previous.loaded_with if previous else None,
             )
         before = frozenset(live.merged_resident())
-        self._reshaped()  # sizes, contexts and expiry may change under the same names
+        if resident != live.resident:  # sizes, contexts or expiry may change under the same names
+            self._reshaped()
         live.resident = resident
         live.seen_resident = {
             name: (model, seen_at)

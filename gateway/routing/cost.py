@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 from gateway.record import BackendKind
 from gateway.routing.snapshot import LOAD_OPTION_KEYS, BackendView, LoadOptions, ModelFacts, ResidentModel, Snapshot
@@ -112,11 +112,16 @@ def model_size_bytes(model: str, snapshot: Snapshot) -> int | None:
     facts = snapshot.models.get(model)
     if facts is not None and facts.size_bytes > 0:
         return facts.size_bytes
+    key = ("size", model)
+    memo = snapshot.idx.memo
+    if key in memo:
+        return cast(int | None, memo[key])
     best = 0
     for view in snapshot.backends:
         r = view.resident_model(model)
         if r is not None:
             best = max(best, r.size_bytes, r.size_vram_bytes)
+    memo[key] = best or None
     return best or None
 
 

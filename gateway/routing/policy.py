@@ -161,6 +161,8 @@ def make_policy(
 # The decision
 
 
+# Entries of a snapshot index's memo before it starts over (each distinct num_ctx asked adds some).
+MEMO_LIMIT = 4096
 _MAY_SERVE = (BackendState.STARTING, BackendState.READY)
 
 
@@ -220,14 +222,16 @@ def choose(request: RouteRequest, snapshot: Snapshot, policy: Policy) -> Decisio
     size = model_size_bytes(model, snapshot)
     # Under context_policy "fit" a loaded copy may serve a request it could never load as asked.
     fit_loaded = getattr(policy, "context_policy", "honor") == "fit"
-    needs: dict[tuple[int, int, int, int, str], int | None] = {}  # most backends look alike
+    memo = snapshot.idx.memo  # the shape's answers: kept while the fleet's shape holds
 
     def fits(v: BackendView) -> bool:
-        rec = v.record
-        key = (rec.num_parallel, rec.gpu_count, rec.vram_total_bytes, v.default_num_ctx, rec.kind)
-        if key not in needs:
-            needs[key] = min_need_bytes(v, request.options, facts, size)
-        return can_ever_fit(v, needs[key])
+        key = ("fits", v.id, model, request.options)
+        known = memo.get(key)
+        if known is None:
+            if len(memo) > MEMO_LIMIT:  # distinct options without end: start over
+                memo.clear()
+            known = memo[key] = can_ever_fit(v, min_need_bytes(v, request.options, facts, size))
+        return bool(known)
 
     fitting = [v for v in holders if fits(v) or (fit_loaded and v.resident_model(model) is not None)]
     if not fitting:

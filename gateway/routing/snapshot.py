@@ -172,6 +172,10 @@ class SnapshotIndex:
     unknown: tuple[BackendView, ...]
     by_id: Mapping[str, BackendView]
     resident_copies: Mapping[str, int]  # per model: backends where it is loaded now
+    # What the router works out from the shape alone (whether a model can ever fit a backend, a
+    # model's size), kept for the next decisions over the same shape: the pool keeps an index until
+    # the shape changes.
+    memo: dict[tuple[object, ...], object] = field(default_factory=dict, compare=False)
 
     @classmethod
     def build(cls, backends: tuple[BackendView, ...]) -> SnapshotIndex:

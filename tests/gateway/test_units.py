@@ -242,3 +242,39 @@ def test_final_chunk_tap_reads_the_last_object() -> None:
     broken = FinalChunkTap()
     broken.feed(b'{"done": tr')
     assert broken.final() is None
+
+
+def test_every_snapshot_shows_the_pool_as_it_is_now() -> None:
+    # Views are built once per change of the fleet's shape and read the request counters live:
+    # whatever changed, the next decision must see it.
+    clock = Clock()
+    pool = BackendPool(fast_settings(), clock=clock)
+    pool.sync_records([BackendRecord(id="g0", url="http://127.0.0.1:1", num_parallel=2)])
+    pool.mark_success("g0", "0.12.0")
+    model = "llama3.1:8b"
+    pool.apply_tags("g0", [{"name": model, "size": 4_900_000_000}])
+    row = {"name": model, "size": 6e9, "size_vram": 6e9, "context_length": 2048, "expires_at": "2030-01-01T00:00:00Z"}
+    pool.apply_ps("g0", [row], clock.now)
+    before = pool.snapshot()
+    assert before.backend("g0").resident_model(model).context_length == 2048  # type: ignore[union-attr]
+
+    pool.apply_ps("g0", [{**row, "context_length": 8192}], clock.now)  # reloaded: same name, new context
+    assert pool.snapshot().backend("g0").resident_model(model).context_length == 8192  # type: ignore[union-attr]
+    assert before.backend("g0").resident_model(model).context_length == 2048  # type: ignore[union-attr]
+
+    work = pool.begin("g0", model, num_predict=8)
+    view = pool.snapshot().backend("g0")
+    assert view is not None and view.in_flight == {model: 1} and len(view.work[model]) == 1
+    clock.now += 2
+    assert pool.snapshot().now == clock.now
+    pool.end(work)
+    assert pool.snapshot().backend("g0").in_flight == {}  # type: ignore[union-attr]
+
+    pool.mark_success("g0", "0.13.0")
+    assert pool.snapshot().backend("g0").version == "0.13.0"  # type: ignore[union-attr]
+    final = {"done": True, "load_duration": 1_000_000, "eval_count": 10, "eval_duration": 100_000_000}
+    pool.observe_reply("g0", model, final, LoadOptions(), service_s=0.1)
+    assert pool.snapshot().backend("g0").observed[model].tokens_per_s == pytest.approx(100.0)  # type: ignore[union-attr]
+    pool.mark_failure("g0", "refused")
+    pool.mark_failure("g0", "refused")
+    assert not pool.snapshot().backend("g0").healthy  # type: ignore[union-attr]
