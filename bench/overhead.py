@@ -9,6 +9,8 @@ so that machine noise hits them alike:
            the zero-overhead baseline)
   gateway  `corral gateway` (its own process) over both backends, policy `residency`, metrics on
   gateway+auth  the same with API keys required (every request carries `Authorization: Bearer`)
+  aiohttp floor  `bench/floor_proxy.py`: an aiohttp server over the gateway's upstream client,
+           round-robin and nothing else (what the framework costs before Corral does any work)
   nginx    nginx round-robin over both backends (when the `nginx` binary is installed)
   gateway @REF  with `--compare REF`: the gateway of another commit (a git worktree of REF), for a
            before/after ratio measured in the same run
@@ -207,6 +209,25 @@ def worktree(ref: str, where: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def floor_process(workdir: Path, backends: list[str]) -> Iterator[tuple[str, int]]:
+    port = free_port()
+    log_path = workdir / "floor.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.floor_proxy", str(port), *backends],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/", log=log_path)
+        yield f"http://127.0.0.1:{port}", proc.pid
+    finally:
+        stop(proc, signal.SIGTERM, timeout_s=10)
+
+
+@contextlib.contextmanager
 def nginx_process(workdir: Path, backends: list[str]) -> Iterator[tuple[str, int] | None]:
     binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if binary is None:
@@ -294,7 +315,7 @@ def render(table: dict[str, dict[str, dict[str, float]]]) -> str:
     for scenario, paths in table.items():
         direct = paths.get("direct")
         order = ["direct", "gateway", "gateway+auth"]
-        order += [*sorted(p for p in paths if p.startswith("gateway @")), "nginx"]
+        order += [*sorted(p for p in paths if p.startswith("gateway @")), "aiohttp floor", "nginx"]
         for path in order:
             row = paths.get(path)
             if row is None:
@@ -374,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             backends = [s.url for s in sims]
             gateway_url = stack.enter_context(gateway_process(workdir, backends))
             auth_url = stack.enter_context(gateway_process(workdir, backends, api_keys=[API_KEY], name="gateway-auth"))
+            floor_url, floor_pid = stack.enter_context(floor_process(workdir, backends))
             nginx = stack.enter_context(nginx_process(workdir, backends))
             compare_url = None
             if args.compare:
@@ -392,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             if compare_url is not None:
                 paths[f"gateway @{args.compare}"] = ProxyPath(lambda: compare_url, pid_of("gateway-compare"))
+            paths["aiohttp floor"] = ProxyPath(lambda: floor_url, [floor_pid])
             if nginx is not None:
                 nginx_url, nginx_pid = nginx
                 paths["nginx"] = ProxyPath(lambda: nginx_url, [nginx_pid])

@@ -216,21 +216,22 @@ async def forward(
     endpoint = _endpoint(base_url) if pool is not None and (body is None or isinstance(body, bytes)) else None
     upstream: Reply
     try:
-        async with asyncio.timeout_at(first_byte_by):
-            if endpoint is not None and pool is not None:
-                host, port, prefix = endpoint
-                upstream = await pool.request(
-                    request.method,
-                    host,
-                    port,
-                    prefix + target,
-                    upstream_header_items(request),
-                    body if isinstance(body, bytes) else b"",
-                    connect_timeout_s=connect_timeout_s,
-                )
-            else:
+        if endpoint is not None and pool is not None:
+            host, port, prefix = endpoint
+            upstream = await pool.request(
+                request.method,
+                host,
+                port,
+                prefix + target,
+                upstream_header_items(request),
+                body if isinstance(body, bytes) else b"",
+                connect_timeout_s=connect_timeout_s,
+                deadline=first_byte_by,  # its own watchdog: no timer per request
+            )
+        else:
+            async with asyncio.timeout_at(first_byte_by):
                 reply = await _session_request(request, session, base_url, target, body, connect_timeout_s)
-                upstream = _SessionReply(reply)
+            upstream = _SessionReply(reply)
     except asyncio.CancelledError:
         raise
     except TimeoutError as e:

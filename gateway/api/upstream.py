@@ -10,7 +10,8 @@ until the relay catches up, so a slow client slows the backend instead of fillin
 
 Contract (what `gateway.api.proxy` relies on):
 - `UpstreamPool.request` returns once the reply's status line and headers arrived, or raises
-  `UpstreamError` (a ConnectionError: refused, reset, timed out connecting, a malformed reply).
+  `UpstreamError` (a ConnectionError: refused, reset, timed out connecting, a malformed reply),
+  or TimeoutError past its `deadline`.
 - `UpstreamResponse.readany()` returns the next body bytes (de-chunked), b"" at the end, and raises
   `UpstreamError` when the backend fails mid-body.
 - `UpstreamResponse.close()` hands a finished connection back to the pool and closes any other one,
@@ -50,6 +51,10 @@ class _Connection(asyncio.Protocol):
         self._reset_reply()
         self.reused = False
         self.closed = False
+        # One watchdog timer per connection instead of one per wait (see `_wait`).
+        self._deadline = 0.0  # loop time the current wait ends at
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watched: asyncio.Future[None] | None = None
 
     def _reset_reply(self) -> None:
         self.status = 0
@@ -142,8 +147,11 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    async def headers(self) -> CIMultiDictProxy[str]:
-        await self._headers_done
+    async def headers(self, deadline: float | None = None) -> CIMultiDictProxy[str]:
+        """The reply's headers; TimeoutError past `deadline` (loop time; None: no bound)."""
+        if not self._headers_done.done():
+            await self._wait(self._headers_done, deadline)
+        self._headers_done.result()
         return CIMultiDictProxy(CIMultiDict(self._header_list))
 
     async def readany(self, idle_timeout_s: float | None = None) -> bytes:
@@ -153,15 +161,11 @@ class _Connection(asyncio.Protocol):
             if self.error is not None:
                 raise self.error
             waiter = self._waiter = self._loop.create_future()
-            # A timer only when there is something to wait for: a stream whose chunks are already
-            # here (the common case under load) costs no timer per read.
-            timer = None if idle_timeout_s is None else self._loop.call_later(idle_timeout_s, _expire, waiter)
             try:
-                await waiter
+                deadline = None if idle_timeout_s is None else self._loop.time() + idle_timeout_s
+                await self._wait(waiter, deadline)
             finally:
                 self._waiter = None
-                if timer is not None:
-                    timer.cancel()
         data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
         self._buffered = 0
@@ -170,6 +174,35 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
         return data
 
+    async def _wait(self, waiter: asyncio.Future[None], deadline: float | None) -> None:
+        """Wait for `waiter`, failing it with TimeoutError at `deadline`. A token stream waits once
+        per read, thousands of times a second over a connection: arming and cancelling a timer
+        each time was a large part of relaying a chunk. So one watchdog per connection stays armed
+        across waits; when it fires it re-arms for the current wait's deadline if that is later,
+        and only then expires the wait."""
+        if deadline is None:
+            self._deadline = 0.0
+            await waiter
+            return
+        self._deadline = deadline
+        self._watched = waiter
+        watchdog = self._watchdog
+        if watchdog is None or watchdog.when() > deadline:
+            if watchdog is not None:
+                watchdog.cancel()
+            self._watchdog = self._loop.call_at(deadline, self._on_watchdog)
+        await waiter
+
+    def _on_watchdog(self) -> None:
+        self._watchdog = None
+        waiter = self._watched
+        if waiter is None or waiter.done() or not self._deadline:
+            return  # between waits, or a wait without a bound: the next bounded wait re-arms
+        if self._loop.time() < self._deadline:
+            self._watchdog = self._loop.call_at(self._deadline, self._on_watchdog)
+            return
+        waiter.set_exception(TimeoutError())
+
     def reusable(self) -> bool:
         return self.complete and not self.closed and self.error is None and self._keep_alive
 
@@ -177,11 +210,9 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
         self.closed = True
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
 
 
 class UpstreamResponse:
@@ -241,21 +272,24 @@ class UpstreamPool:
         body: bytes,
         *,
         connect_timeout_s: float,
+        deadline: float | None = None,
     ) -> UpstreamResponse:
-        """Send one request and wait for the reply's headers. Raises UpstreamError."""
+        """Send one request and wait for the reply's headers. Raises UpstreamError, and
+        TimeoutError when they have not come by `deadline` (loop time; None: no bound)."""
         key = (host, port)
         head = _request_head(method, host, port, target, headers, len(body))
         conn = self._take_idle(key)
         if conn is not None:
             try:
-                return await self._send(key, conn, head, body)
+                return await self._send(key, conn, head, body, deadline)
             except UpstreamError:
                 # The backend closed this idle connection just before we used it (no reply byte
                 # came): the request never ran there, so it goes once more on a new connection.
                 if conn.got_bytes:
                     raise
-        conn = await self._connect(host, port, connect_timeout_s)
-        return await self._send(key, conn, head, body)
+        async with asyncio.timeout_at(deadline):
+            conn = await self._connect(host, port, connect_timeout_s)
+        return await self._send(key, conn, head, body, deadline)
 
     async def close(self) -> None:
         for conns in self._idle.values():
@@ -291,13 +325,15 @@ class UpstreamPool:
             raise UpstreamError(f"cannot connect to {host}:{port}: {e.strerror or e}") from None
         return conn
 
-    async def _send(self, key: tuple[str, int], conn: _Connection, head: bytes, body: bytes) -> UpstreamResponse:
+    async def _send(
+        self, key: tuple[str, int], conn: _Connection, head: bytes, body: bytes, deadline: float | None
+    ) -> UpstreamResponse:
         assert conn.transport is not None
         try:
             conn.transport.write(head + body if len(body) < 64 * 1024 else head)
             if len(body) >= 64 * 1024:
                 conn.transport.write(body)
-            headers = await conn.headers()
+            headers = await conn.headers(deadline)
         except BaseException:
             conn.abort()
             raise

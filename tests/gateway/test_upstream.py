@@ -49,7 +49,22 @@ async def backend() -> AsyncIterator[tuple[TestServer, dict[str, object]]]:
         request.transport.abort()
         return reply
 
+    async def paced(request: web.Request) -> web.StreamResponse:
+        # Chunks every `every` seconds, then one `gap` of silence before the last (delays in ms).
+        every, gap = int(request.query["every"]) / 1000, int(request.query["gap"]) / 1000
+        await asyncio.sleep(int(request.query.get("first", "0")) / 1000)
+        reply = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await reply.prepare(request)
+        for i in range(int(request.query["n"])):
+            await reply.write(b'{"i": %d}\n' % i)
+            await asyncio.sleep(every)
+        await asyncio.sleep(gap)
+        await reply.write(b'{"done": true}\n')
+        await reply.write_eof()
+        return reply
+
     app = web.Application(handler_args={"handler_cancellation": True})
+    app.router.add_get("/paced", paced)
     app.router.add_post("/whole", whole)
     app.router.add_get("/stream", stream)
     app.router.add_get("/endless", endless)
@@ -166,3 +181,34 @@ async def test_a_close_delimited_reply_ends_at_the_close() -> None:
         await pool.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_the_idle_bound_is_per_read_however_long_the_stream(
+    backend: tuple[TestServer, dict[str, object]],
+) -> None:
+    # One watchdog per connection serves every read: a stream that keeps talking may last many
+    # times the idle bound, and the first silence longer than the bound still ends it.
+    server, _ = backend
+    pool = UpstreamPool()
+    loop = asyncio.get_running_loop()
+    try:
+        reply = await pool.request("GET", "127.0.0.1", server.port or 0, "/paced?n=12&every=50&gap=0", [], b"",
+                                   connect_timeout_s=2, deadline=loop.time() + 2)
+        started, body = loop.time(), b""
+        while chunk := await reply.readany(0.3):
+            body += chunk
+        assert body.count(b"\n") == 13 and loop.time() - started > 0.5  # longer than the bound: fine
+        reply.close()
+
+        reply = await pool.request("GET", "127.0.0.1", server.port or 0, "/paced?n=3&every=50&gap=600", [], b"",
+                                   connect_timeout_s=2)
+        with pytest.raises(TimeoutError):
+            while await reply.readany(0.3):
+                pass
+        reply.close()
+
+        with pytest.raises(TimeoutError):  # the headers' deadline: a backend that sits on the request
+            await pool.request("GET", "127.0.0.1", server.port or 0, "/paced?n=1&every=0&gap=0&first=600", [],
+                               b"", connect_timeout_s=2, deadline=loop.time() + 0.2)
+    finally:
+        await pool.close()
