@@ -1,8 +1,10 @@
-"""What the router sees: an immutable picture of the fleet, built without I/O on the hot path.
+"""What the router sees: a picture of the fleet, built without I/O on the hot path.
 
 The backend pool keeps these up to date from the backend records, the `/api/ps` poller, health
 checks and what the gateway observes itself (in-flight counts, `load_duration`, tokens/s), and
-hands `routing.choose()` a fresh `Snapshot` per decision. Everything here is plain data.
+hands `routing.choose()` a `Snapshot` per decision. Its shape (records, health, inventory,
+residency) is frozen; the per-request counters in it are the pool's live maps, which the router
+only reads, synchronously (gateway/fleet/pool.py). Everything here is plain data.
 """
 
 from __future__ import annotations
