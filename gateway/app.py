@@ -244,7 +244,7 @@ def create_app(
     app[appkeys.METRICS] = metrics
     app[appkeys.STORE_HEALTH] = StoreHealth("gateway")  # the gauge is StoreWatch's (poller)
     app[appkeys.QUEUES] = queues
-    pool = BackendPool(settings, queue_depths=queues.depths)
+    pool = BackendPool(settings, queue_depths=queues.depths, queue_depth=queues.depth)
     # The one place waiting requests are woken from: whatever changes in the pool (and the end of
     # `corral up`'s startup, which is a fleet change too).
     pool.subscribe(queues.on_change)

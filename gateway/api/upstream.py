@@ -103,7 +103,9 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamError(f"the backend closed the connection before the reply ended{reason}"))
 
     def _close_delimited(self) -> bool:
-        if not self._headers_done.done() or self._headers_done.exception() is not None:
+        done = self._headers_done
+        # Cancelled: the client hung up while its request waited for headers (exception() would raise).
+        if not done.done() or done.cancelled() or done.exception() is not None:
             return False
         names = {name.lower(): value.lower() for name, value in self._header_list}
         return "content-length" not in names and "chunked" not in names.get("transfer-encoding", "")

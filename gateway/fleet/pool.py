@@ -65,11 +65,13 @@ class BackendPool:
         settings: GatewaySettings,
         *,
         queue_depths: Callable[[], Mapping[str, int]] | None = None,
+        queue_depth: Callable[[str], int] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self._clock = clock
         self._queue_depths = queue_depths or dict
+        self._queue_depth = queue_depth or (lambda model: self._queue_depths().get(model, 0))
         self._backends: dict[str, LiveBackend] = {}
         self._facts: dict[str, ModelFacts] = {}
         # Fleet-wide requests in flight per backend and model: the store's sums, and this gateway's
@@ -97,8 +99,7 @@ class BackendPool:
             listener(change)
 
     def _reshaped(self) -> None:
-        """Something a view shows beyond the live counters changed: the next snapshot rebuilds them.
-        Called by every method that changes such state, whether or not it announces a change."""
+        """A view's shape changed (not just a live counter): the next snapshot rebuilds the views."""
         self._built = None
 
     def queue_depths(self) -> Mapping[str, int]:
@@ -429,7 +430,7 @@ class BackendPool:
                 backend_view(
                     live,
                     self._in_flight.setdefault(backend_id, {}),
-                    QueuedHere(self._queue_depths, live.installed),
+                    QueuedHere(self._queue_depth, self._queue_depths, live.installed),
                     WorkItems(self._work.setdefault(backend_id, {}), self._clock, self._clock_rate),
                 )
                 for backend_id, live in self._backends.items()

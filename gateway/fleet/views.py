@@ -4,6 +4,7 @@ fleet's shape (gateway/fleet/pool.py says which state is read live)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from gateway.fleet.live import LiveBackend
 from gateway.routing.snapshot import BackendView, WorkItem
@@ -49,19 +50,27 @@ def shown_resident(live: LiveBackend | None, model: str) -> tuple[object, object
 
 class QueuedHere(Mapping[str, int]):
     """A snapshot's `BackendView.queued`, live: the gateway's waiters per model, for the models
-    installed on that backend."""
+    installed on that backend. `depth` answers one model (what the router asks, per candidate);
+    `depths` lists them all (for iteration: status pages)."""
 
-    __slots__ = ("_depths", "_installed")
+    __slots__ = ("_depth", "_depths", "_installed")
 
-    def __init__(self, depths: Callable[[], Mapping[str, int]], installed: frozenset[str]) -> None:
+    def __init__(
+        self, depth: Callable[[str], int], depths: Callable[[], Mapping[str, int]], installed: frozenset[str]
+    ) -> None:
+        self._depth = depth
         self._depths = depths
         self._installed = installed
 
+    def get(self, model: str, default: Any = None) -> Any:
+        depth = self._depth(model) if model in self._installed else 0
+        return depth if depth else default
+
     def __getitem__(self, model: str) -> int:
-        depth = self._depths().get(model, 0) if model in self._installed else 0
+        depth = self.get(model, 0)
         if not depth:
             raise KeyError(model)
-        return depth
+        return int(depth)
 
     def __iter__(self) -> Iterator[str]:
         return iter([m for m, d in self._depths().items() if d and m in self._installed])

@@ -278,3 +278,17 @@ def test_every_snapshot_shows_the_pool_as_it_is_now() -> None:
     pool.mark_failure("g0", "refused")
     pool.mark_failure("g0", "refused")
     assert not pool.snapshot().backend("g0").healthy  # type: ignore[union-attr]
+
+
+def test_a_snapshot_counts_the_waiters_for_models_installed_there() -> None:
+    waiting = {"llama3.1:8b": 3, "elsewhere:1b": 2}
+    pool = BackendPool(fast_settings(), queue_depths=lambda: dict(waiting))
+    pool.sync_records([BackendRecord(id="g0", url="http://127.0.0.1:1")])
+    pool.apply_tags("g0", [{"name": "llama3.1:8b"}])
+    view = pool.snapshot().backend("g0")
+    assert view is not None
+    assert view.queued.get("llama3.1:8b", 0) == 3 and view.queued.get("elsewhere:1b", 0) == 0
+    assert dict(view.queued) == {"llama3.1:8b": 3}
+    waiting["llama3.1:8b"] = 0  # read live: the waiters were served
+    assert pool.snapshot().backend("g0").queued.get("llama3.1:8b", 0) == 0  # type: ignore[union-attr]
+    assert dict(view.queued) == {}

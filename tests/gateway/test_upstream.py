@@ -212,3 +212,29 @@ async def test_the_idle_bound_is_per_read_however_long_the_stream(
                                b"", connect_timeout_s=2, deadline=loop.time() + 0.2)
     finally:
         await pool.close()
+
+
+async def test_a_client_hanging_up_while_the_headers_are_awaited_leaves_no_error(
+    backend: tuple[TestServer, dict[str, object]],
+) -> None:
+    # The gateway cancels a request whose client went away; the connection it aborts must close
+    # quietly, not raise from a transport callback (which asyncio would log as an error).
+    server, _ = backend
+    pool = UpstreamPool()
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        waiting = asyncio.create_task(
+            pool.request("GET", "127.0.0.1", server.port or 0, "/paced?n=1&every=0&gap=0&first=1000", [], b"",
+                         connect_timeout_s=2, deadline=loop.time() + 5)
+        )
+        await asyncio.sleep(0.1)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await asyncio.sleep(0.1)
+        assert errors == []
+    finally:
+        loop.set_exception_handler(None)
+        await pool.close()
