@@ -171,101 +171,62 @@ class Metrics:
         # Collectors read at scrape time from this process alone (not summed over workers).
         self._own: list[Collector] = [WorkerInfo(worker)]
         r.register(self._own[0])
-        self.requests = Labelled(
-            Counter(
-                "corral_requests",
-                "requests answered, by model, backend and status",
-                ["model", "backend", "status"],
-                registry=r,
-            )
+
+        def counter(name: str, doc: str, labels: list[str]) -> Labelled[Counter]:
+            return Labelled(Counter(name, doc, labels, registry=r))
+
+        def histogram(name: str, doc: str, labels: list[str], buckets: tuple[float, ...]) -> Labelled[Histogram]:
+            return Labelled(Histogram(name, doc, labels, buckets=buckets, registry=r))
+
+        self.requests = counter(
+            "corral_requests", "requests answered, by model, backend and status", ["model", "backend", "status"]
         )
-        self.request_duration = Labelled(
-            Histogram(
-                "corral_request_duration_seconds",
-                "time from request arrival to the last byte sent",
-                ["model", "backend"],
-                buckets=LATENCY_BUCKETS_S,
-                registry=r,
-            )
+        self.request_duration = histogram(
+            "corral_request_duration_seconds",
+            "time from request arrival to the last byte sent",
+            ["model", "backend"],
+            LATENCY_BUCKETS_S,
         )
-        self.ttft = Labelled(
-            Histogram(
-                "corral_time_to_first_token_seconds",
-                "time from request arrival to the first byte of the reply body",
-                ["model", "backend"],
-                buckets=LATENCY_BUCKETS_S,
-                registry=r,
-            )
+        self.ttft = histogram(
+            "corral_time_to_first_token_seconds",
+            "time from request arrival to the first byte of the reply body",
+            ["model", "backend"],
+            LATENCY_BUCKETS_S,
         )
-        self.decode_rate = Labelled(
-            Histogram(
-                "corral_decode_tokens_per_second",
-                "decode rate reported in final chunks (eval_count / eval_duration)",
-                ["model", "backend"],
-                buckets=TOKENS_PER_S_BUCKETS,
-                registry=r,
-            )
+        self.decode_rate = histogram(
+            "corral_decode_tokens_per_second",
+            "decode rate reported in final chunks (eval_count / eval_duration)",
+            ["model", "backend"],
+            TOKENS_PER_S_BUCKETS,
         )
-        self.decisions = Labelled(
-            Counter(
-                "corral_routing_decisions",
-                "routing decisions by outcome and reason",
-                ["decision", "reason"],
-                registry=r,
-            )
+        self.decisions = counter(
+            "corral_routing_decisions", "routing decisions by outcome and reason", ["decision", "reason"]
         )
-        self.cold_loads = Labelled(
-            Counter(
-                "corral_cold_loads", "replies whose load_duration shows a model load", ["model", "backend"], registry=r
-            )
+        self.cold_loads = counter(
+            "corral_cold_loads", "replies whose load_duration shows a model load", ["model", "backend"]
         )
-        self.retries = Labelled(
-            Counter("corral_retries", "requests sent again to another backend", ["model"], registry=r)
+        self.retries = counter("corral_retries", "requests sent again to another backend", ["model"])
+        self.failovers = counter(
+            "corral_failovers", "attempts that failed before the first byte, by failed backend", ["backend"]
         )
-        self.failovers = Labelled(
-            Counter(
-                "corral_failovers",
-                "attempts that failed before the first byte, by failed backend",
-                ["backend"],
-                registry=r,
-            )
+        self.ejections = counter(
+            "corral_ejections", "backends taken out of rotation after repeated failures", ["backend"]
         )
-        self.ejections = Labelled(
-            Counter(
-                "corral_ejections", "backends taken out of rotation after repeated failures", ["backend"], registry=r
-            )
+        self.midstream_failures = counter(
+            "corral_midstream_failures", "streams cut because the backend failed after the first byte", ["backend"]
         )
-        self.midstream_failures = Labelled(
-            Counter(
-                "corral_midstream_failures",
-                "streams cut because the backend failed after the first byte",
-                ["backend"],
-                registry=r,
-            )
+        self.queue_rejections = counter(
+            "corral_queue_rejections", "requests refused with 503 at the gateway queue", ["model", "reason"]
         )
-        self.queue_rejections = Labelled(
-            Counter(
-                "corral_queue_rejections",
-                "requests refused with 503 at the gateway queue",
-                ["model", "reason"],
-                registry=r,
-            )
+        self.planned_evictions = counter(
+            "corral_planned_evictions",
+            "sends that evict the only copy of a planned model because nothing else can serve the request",
+            ["model", "backend"],
         )
-        self.planned_evictions = Labelled(
-            Counter(
-                "corral_planned_evictions",
-                "sends that evict the only copy of a planned model because nothing else can serve the request",
-                ["model", "backend"],
-                registry=r,
-            )
-        )
-        self.context_fits = Labelled(
-            Counter(
-                "corral_context_fits",
-                'requests served at the loaded context instead of a larger num_ctx (context_policy "fit")',
-                ["model"],
-                registry=r,
-            )
+        self.context_fits = counter(
+            "corral_context_fits",
+            'requests served at the loaded context instead of a larger num_ctx (context_policy "fit")',
+            ["model"],
         )
 
     def attach_fleet(self, collector: FleetCollector) -> None:
