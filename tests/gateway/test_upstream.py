@@ -14,6 +14,13 @@ from gateway.api.upstream import UpstreamError, UpstreamPool
 
 
 @pytest.fixture
+async def pool() -> AsyncIterator[UpstreamPool]:
+    upstream = UpstreamPool()
+    yield upstream
+    await upstream.close()
+
+
+@pytest.fixture
 async def backend() -> AsyncIterator[tuple[TestServer, dict[str, object]]]:
     seen: dict[str, object] = {"peers": [], "cancelled": asyncio.Event()}
 
@@ -75,95 +82,81 @@ async def backend() -> AsyncIterator[tuple[TestServer, dict[str, object]]]:
     await server.close()
 
 
-async def test_a_whole_reply_and_keep_alive_reuse(backend: tuple[TestServer, dict[str, object]]) -> None:
+async def test_a_whole_reply_and_keep_alive_reuse(
+    backend: tuple[TestServer, dict[str, object]], pool: UpstreamPool
+) -> None:
     server, seen = backend
-    pool = UpstreamPool()
-    try:
-        for i in range(3):
-            reply = await pool.request("POST", "127.0.0.1", server.port or 0, "/whole", [], b"hi %d" % i,
-                                       connect_timeout_s=2)
-            assert reply.status == 200 and reply.content_length is not None
-            assert b'"echo": "hi %d"' % i in await reply.read(10_000)
-            reply.close()
-        peers = seen["peers"]
-        assert isinstance(peers, list) and len(set(peers)) == 1  # one connection, reused
-        assert f'"host": "127.0.0.1:{server.port}"'.encode() in b'"host": "127.0.0.1:%d"' % (server.port or 0)
-    finally:
-        await pool.close()
-
-
-async def test_a_chunked_stream_arrives_whole_and_in_order(backend: tuple[TestServer, dict[str, object]]) -> None:
-    server, _ = backend
-    pool = UpstreamPool()
-    try:
-        reply = await pool.request("GET", "127.0.0.1", server.port or 0, "/stream?n=200", [], b"", connect_timeout_s=2)
-        assert reply.content_length is None
-        body = bytearray()
-        while chunk := await reply.readany():
-            body += chunk
-        assert body.count(b"\n") == 200 and body.endswith(b'{"i": 199}\n')
+    for i in range(3):
+        reply = await pool.request("POST", "127.0.0.1", server.port or 0, "/whole", [], b"hi %d" % i,
+                                   connect_timeout_s=2)
+        assert reply.status == 200 and reply.content_length is not None
+        assert b'"echo": "hi %d"' % i in await reply.read(10_000)
         reply.close()
-    finally:
-        await pool.close()
+    peers = seen["peers"]
+    assert isinstance(peers, list) and len(set(peers)) == 1  # one connection, reused
+    assert f'"host": "127.0.0.1:{server.port}"'.encode() in b'"host": "127.0.0.1:%d"' % (server.port or 0)
+
+
+async def test_a_chunked_stream_arrives_whole_and_in_order(
+    backend: tuple[TestServer, dict[str, object]], pool: UpstreamPool
+) -> None:
+    server, _ = backend
+    reply = await pool.request("GET", "127.0.0.1", server.port or 0, "/stream?n=200", [], b"", connect_timeout_s=2)
+    assert reply.content_length is None
+    body = bytearray()
+    while chunk := await reply.readany():
+        body += chunk
+    assert body.count(b"\n") == 200 and body.endswith(b'{"i": 199}\n')
+    reply.close()
 
 
 async def test_a_stale_idle_connection_is_replaced_without_an_error(
-    backend: tuple[TestServer, dict[str, object]],
+    backend: tuple[TestServer, dict[str, object]], pool: UpstreamPool
 ) -> None:
     server, seen = backend
-    pool = UpstreamPool()
-    try:
-        reply = await pool.request("POST", "127.0.0.1", server.port or 0, "/whole", [], b"a", connect_timeout_s=2)
-        await reply.read(10_000)
-        reply.close()
-        # The backend drops its idle keep-alive connections (a restart, an idle timeout).
-        for conns in pool._idle.values():
-            for conn in conns:
-                assert conn.transport is not None
-                conn.transport.close()
-        await asyncio.sleep(0.05)
-        reply = await pool.request("POST", "127.0.0.1", server.port or 0, "/whole", [], b"b", connect_timeout_s=2)
-        assert reply.status == 200
-        reply.close()
-        peers = seen["peers"]
-        assert isinstance(peers, list) and len(set(peers)) == 2
-    finally:
-        await pool.close()
+    reply = await pool.request("POST", "127.0.0.1", server.port or 0, "/whole", [], b"a", connect_timeout_s=2)
+    await reply.read(10_000)
+    reply.close()
+    # The backend drops its idle keep-alive connections (a restart, an idle timeout).
+    for conns in pool._idle.values():
+        for conn in conns:
+            assert conn.transport is not None
+            conn.transport.close()
+    await asyncio.sleep(0.05)
+    reply = await pool.request("POST", "127.0.0.1", server.port or 0, "/whole", [], b"b", connect_timeout_s=2)
+    assert reply.status == 200
+    reply.close()
+    peers = seen["peers"]
+    assert isinstance(peers, list) and len(set(peers)) == 2
 
 
-async def test_refused_and_mid_body_failures_raise(backend: tuple[TestServer, dict[str, object]]) -> None:
+async def test_refused_and_mid_body_failures_raise(
+    backend: tuple[TestServer, dict[str, object]], pool: UpstreamPool
+) -> None:
     server, _ = backend
-    pool = UpstreamPool()
-    try:
-        with pytest.raises(UpstreamError, match="cannot connect"):
-            await pool.request("GET", "127.0.0.1", 1, "/", [], b"", connect_timeout_s=2)
-        reply = await pool.request("GET", "127.0.0.1", server.port or 0, "/dies", [], b"", connect_timeout_s=2)
-        with pytest.raises(UpstreamError, match="before the reply ended"):
-            while await reply.readany():
-                pass
-        reply.close()
-    finally:
-        await pool.close()
+    with pytest.raises(UpstreamError, match="cannot connect"):
+        await pool.request("GET", "127.0.0.1", 1, "/", [], b"", connect_timeout_s=2)
+    reply = await pool.request("GET", "127.0.0.1", server.port or 0, "/dies", [], b"", connect_timeout_s=2)
+    with pytest.raises(UpstreamError, match="before the reply ended"):
+        while await reply.readany():
+            pass
+    reply.close()
 
 
 async def test_closing_an_unfinished_reply_cancels_it_at_the_backend(
-    backend: tuple[TestServer, dict[str, object]],
+    backend: tuple[TestServer, dict[str, object]], pool: UpstreamPool
 ) -> None:
     server, seen = backend
-    pool = UpstreamPool()
-    try:
-        reply = await pool.request("GET", "127.0.0.1", server.port or 0, "/endless", [], b"", connect_timeout_s=2)
-        assert await reply.readany()
-        reply.close()
-        cancelled = seen["cancelled"]
-        assert isinstance(cancelled, asyncio.Event)
-        await asyncio.wait_for(cancelled.wait(), 10)
-        assert not pool._idle.get(("127.0.0.1", server.port or 0))  # never reused
-    finally:
-        await pool.close()
+    reply = await pool.request("GET", "127.0.0.1", server.port or 0, "/endless", [], b"", connect_timeout_s=2)
+    assert await reply.readany()
+    reply.close()
+    cancelled = seen["cancelled"]
+    assert isinstance(cancelled, asyncio.Event)
+    await asyncio.wait_for(cancelled.wait(), 10)
+    assert not pool._idle.get(("127.0.0.1", server.port or 0))  # never reused
 
 
-async def test_a_close_delimited_reply_ends_at_the_close() -> None:
+async def test_a_close_delimited_reply_ends_at_the_close(pool: UpstreamPool) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nall of it")
@@ -172,55 +165,48 @@ async def test_a_close_delimited_reply_ends_at_the_close() -> None:
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    pool = UpstreamPool()
     try:
         reply = await pool.request("GET", "127.0.0.1", port, "/", [], b"", connect_timeout_s=2)
         assert await reply.read(1000) == b"all of it"
         reply.close()
     finally:
-        await pool.close()
         server.close()
         await server.wait_closed()
 
 
 async def test_the_idle_bound_is_per_read_however_long_the_stream(
-    backend: tuple[TestServer, dict[str, object]],
+    backend: tuple[TestServer, dict[str, object]], pool: UpstreamPool
 ) -> None:
     # One watchdog per connection serves every read: a stream that keeps talking may last many
     # times the idle bound, and the first silence longer than the bound still ends it.
     server, _ = backend
-    pool = UpstreamPool()
     loop = asyncio.get_running_loop()
-    try:
-        reply = await pool.request("GET", "127.0.0.1", server.port or 0, "/paced?n=12&every=50&gap=0", [], b"",
-                                   connect_timeout_s=2, deadline=loop.time() + 2)
-        started, body = loop.time(), b""
-        while chunk := await reply.readany(0.3):
-            body += chunk
-        assert body.count(b"\n") == 13 and loop.time() - started > 0.5  # longer than the bound: fine
-        reply.close()
+    reply = await pool.request("GET", "127.0.0.1", server.port or 0, "/paced?n=12&every=50&gap=0", [], b"",
+                               connect_timeout_s=2, deadline=loop.time() + 2)
+    started, body = loop.time(), b""
+    while chunk := await reply.readany(0.3):
+        body += chunk
+    assert body.count(b"\n") == 13 and loop.time() - started > 0.5  # longer than the bound: fine
+    reply.close()
 
-        reply = await pool.request("GET", "127.0.0.1", server.port or 0, "/paced?n=3&every=50&gap=600", [], b"",
-                                   connect_timeout_s=2)
-        with pytest.raises(TimeoutError):
-            while await reply.readany(0.3):
-                pass
-        reply.close()
+    reply = await pool.request("GET", "127.0.0.1", server.port or 0, "/paced?n=3&every=50&gap=600", [], b"",
+                               connect_timeout_s=2)
+    with pytest.raises(TimeoutError):
+        while await reply.readany(0.3):
+            pass
+    reply.close()
 
-        with pytest.raises(TimeoutError):  # the headers' deadline: a backend that sits on the request
-            await pool.request("GET", "127.0.0.1", server.port or 0, "/paced?n=1&every=0&gap=0&first=600", [],
-                               b"", connect_timeout_s=2, deadline=loop.time() + 0.2)
-    finally:
-        await pool.close()
+    with pytest.raises(TimeoutError):  # the headers' deadline: a backend that sits on the request
+        await pool.request("GET", "127.0.0.1", server.port or 0, "/paced?n=1&every=0&gap=0&first=600", [],
+                           b"", connect_timeout_s=2, deadline=loop.time() + 0.2)
 
 
 async def test_a_client_hanging_up_while_the_headers_are_awaited_leaves_no_error(
-    backend: tuple[TestServer, dict[str, object]],
+    backend: tuple[TestServer, dict[str, object]], pool: UpstreamPool
 ) -> None:
     # The gateway cancels a request whose client went away; the connection it aborts must close
     # quietly, not raise from a transport callback (which asyncio would log as an error).
     server, _ = backend
-    pool = UpstreamPool()
     loop = asyncio.get_running_loop()
     errors: list[dict[str, object]] = []
     loop.set_exception_handler(lambda _loop, context: errors.append(context))
@@ -237,4 +223,3 @@ async def test_a_client_hanging_up_while_the_headers_are_awaited_leaves_no_error
         assert errors == []
     finally:
         loop.set_exception_handler(None)
-        await pool.close()
