@@ -208,6 +208,31 @@ def worktree(ref: str, where: Path) -> Iterator[Path]:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(where)], check=False)
 
 
+def resident_fleet(stack: contextlib.ExitStack, workdir: Path, speed: float) -> list[SimServer]:
+    """The two simulated backends every path reaches, `MODEL` pulled and resident on both, so every
+    path serves from loaded models; they stop with `stack`."""
+    env = {"OLLAMA_NUM_PARALLEL": "64", "OLLAMA_KEEP_ALIVE": "-1"}
+    sims = [
+        stack.enter_context(
+            SimServer.start(
+                workdir,
+                gpus=["RTX 4090"],
+                env=env,
+                speed=speed,
+                name=f"b{i}",
+                models_dir=workdir / "models",
+                # Every answer runs to num_predict: small chats 8 tokens, streams 200 chunks.
+                sim={"answer_tokens_min": 1000, "answer_tokens_max": 1000},
+            )
+        )
+        for i in range(2)
+    ]
+    sims[0].pull(MODEL)
+    for sim in sims:
+        sim.json("POST", "/api/generate", {"model": MODEL, "prompt": "", "keep_alive": -1})
+    return sims
+
+
 @contextlib.contextmanager
 def floor_process(workdir: Path, backends: list[str]) -> Iterator[tuple[str, int]]:
     port = free_port()
@@ -372,26 +397,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
         workdir = Path(tmp)
-        env = {"OLLAMA_NUM_PARALLEL": "64", "OLLAMA_KEEP_ALIVE": "-1"}
         with contextlib.ExitStack() as stack:
-            sims = [
-                stack.enter_context(
-                    SimServer.start(
-                        workdir,
-                        gpus=["RTX 4090"],
-                        env=env,
-                        speed=args.speed,
-                        name=f"b{i}",
-                        models_dir=workdir / "models",
-                        # Every answer runs to num_predict: small chats 8 tokens, streams 200 chunks.
-                        sim={"answer_tokens_min": 1000, "answer_tokens_max": 1000},
-                    )
-                )
-                for i in range(2)
-            ]
-            sims[0].pull(MODEL)
-            for sim in sims:  # resident everywhere, so every path serves from loaded models
-                sim.json("POST", "/api/generate", {"model": MODEL, "prompt": "", "keep_alive": -1})
+            sims = resident_fleet(stack, workdir, args.speed)
             backends = [s.url for s in sims]
             gateway_url = stack.enter_context(gateway_process(workdir, backends))
             auth_url = stack.enter_context(gateway_process(workdir, backends, api_keys=[API_KEY], name="gateway-auth"))

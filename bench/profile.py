@@ -32,8 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import gateway_process  # noqa: E402 - the repo root must be importable first
-from bench.overhead import API_KEY, HEADERS, MODEL, floor_process, process_cpu_s, run_small  # noqa: E402
-from launcher.sim.harness import SimServer  # noqa: E402
+from bench.overhead import API_KEY, HEADERS, floor_process, process_cpu_s, resident_fleet, run_small  # noqa: E402
 
 # Steps of the model-call path, by the frame that marks them (first match wins, outermost first).
 STEPS: list[tuple[str, tuple[str, ...]]] = [
@@ -101,24 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     gateway_cpus, other_cpus = ({cpus[-1]}, set(cpus[:-1])) if len(cpus) > 1 else (set(cpus), set(cpus))
     with tempfile.TemporaryDirectory(prefix="corral-profile-") as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
-        env = {"OLLAMA_NUM_PARALLEL": "64", "OLLAMA_KEEP_ALIVE": "-1"}
-        sims = [
-            stack.enter_context(
-                SimServer.start(
-                    workdir,
-                    gpus=["RTX 4090"],
-                    env=env,
-                    speed=100000.0,
-                    name=f"b{i}",
-                    models_dir=workdir / "models",
-                    sim={"answer_tokens_min": 1000, "answer_tokens_max": 1000},
-                )
-            )
-            for i in range(2)
-        ]
-        sims[0].pull(MODEL)
+        sims = resident_fleet(stack, workdir, 100000.0)
         for sim in sims:
-            sim.json("POST", "/api/generate", {"model": MODEL, "prompt": "", "keep_alive": -1})
             pin(sim.process.pid, other_cpus)
         backends = [s.url for s in sims]
         gateway_url = stack.enter_context(gateway_process(workdir, backends, api_keys=[API_KEY]))
