@@ -14,7 +14,7 @@ from gateway.fleet.modelfacts import facts_from_catalog, facts_from_show
 from gateway.fleet.pool import BackendPool
 from gateway.record import BackendRecord
 from gateway.routing.policy import ResidencyPolicy, RouteRequest, Send, choose
-from gateway.routing.snapshot import LoadOptions, ObservedStats
+from gateway.routing.snapshot import LoadOptions, ModelFacts, ObservedStats
 from gateway.state.memory import MemoryStore
 from launcher.facts.catalog import find_model
 from launcher.facts.ollama import is_zero_keep_alive
@@ -292,3 +292,29 @@ def test_a_snapshot_counts_the_waiters_for_models_installed_there() -> None:
     waiting["llama3.1:8b"] = 0  # read live: the waiters were served
     assert pool.snapshot().backend("g0").queued.get("llama3.1:8b", 0) == 0  # type: ignore[union-attr]
     assert dict(view.queued) == {}
+
+
+def test_whether_a_model_can_fit_is_judged_by_each_backends_own_ollama() -> None:
+    # Two cards alike but for their Ollama: 0.29 (era A) adds a per-card graph that makes this
+    # model too large for 24 GiB, 0.30 (HEAD) does not. The one that can load it gets it.
+    pool = BackendPool(fast_settings())
+    model = "big:1"
+    gib = 1024**3
+    facts = ModelFacts(
+        name=model,
+        size_bytes=20 * gib,
+        kv_bytes_per_token=1024,
+        overhead_bytes=1 * gib,
+        context_length=8192,
+        overhead_bytes_era_a=6 * gib,
+    )
+    pool.set_facts(model, facts)
+    pool.sync_records(
+        [BackendRecord(id=b, url=f"http://127.0.0.1:{p}", vram_total_bytes=24 * gib) for b, p in (("g0", 1), ("g1", 2))]
+    )
+    for backend_id, version in (("g0", "0.29.0"), ("g1", "0.30.0")):
+        pool.mark_success(backend_id, version)
+        pool.apply_tags(backend_id, [{"name": model, "size": facts.size_bytes}])
+    for _ in range(2):  # the second decision reads what the first worked out for this shape
+        decision = choose(RouteRequest(model), pool.snapshot(), ResidencyPolicy())
+        assert isinstance(decision, Send) and decision.backend_id == "g1", decision
